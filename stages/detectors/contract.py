@@ -42,6 +42,7 @@ class DetectorOutput:
     quality: list[Tensor] = field(default_factory=list)  # per level [B, A, H_l, W_l] (FCOS centerness logits); [] if none
     anchors: list[Tensor] = field(default_factory=list)  # per level [H_l*W_l*A, 4] xyxy (FCOS/GFL: stride-sized boxes at the points)
     detections: list[dict[str, Tensor]] | None = None  # per image {boxes [N,4] xyxy, scores [N], labels [N] int64 (0-based)}
+    losses: dict[str, Tensor] | None = None  # GT detection losses, filled when forward() got targets
 
     @property
     def num_anchors(self) -> int:
