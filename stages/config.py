@@ -76,7 +76,7 @@ class TrainParams:
     amp: bool = True  # autocast on CUDA only; ignored on CPU
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
-    flip_prob: float = 0.5  # horizontal-flip augmentation (teacher training; students replay views)
+    flip: bool = True  # random horizontal flip (p=0.5) when training the teacher; students replay cached views
     ckpt_every: int = 100
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -159,8 +159,7 @@ class DistillParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    batch_size: int = 8
-    score_thresh: float = 0.05
+    batch_size: int = 8  # detections use the model's own score_thresh / nms_thresh
 
 
 @dataclass(frozen=True)
@@ -186,8 +185,27 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            # a partial section keeps the parent's defaults (e.g. the teacher's resnet50), not the class's
+            v = _merge(to_dict(_default_of(defaults[k])), v)
+        kwargs[k] = _coerce(hints[k], v, f"{path}.{k}" if path else k)
     return cls(**kwargs)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -1,0 +1,43 @@
+"""Evaluate a detector checkpoint on the val set (`data.val_*`) with pycocotools.
+
+Writes a JSON file with AP, AP50, AP75, APs, APm, APl (percent) and per-class AP. The image view
+is `data.min_size` / `data.max_size`, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.data.coco import CocoDataset
+from stages.data.views import View
+from stages.detectors.build import load_detector
+
+from pipeline.params import make_parser, params_from_args
+from stages.evaluation import evaluate
+from stages.training import resolve_device
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("evaluate", __doc__)
+    parser.add_argument("--checkpoint", help="detector checkpoint (default: teacher.checkpoint)")
+    parser.add_argument("--out", required=True, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+    params = params_from_args(args)
+    ckpt = Path(args.checkpoint or params.teacher.checkpoint)
+    if not ckpt.exists():
+        raise SystemExit(f"error: checkpoint {ckpt} not found; train it first (python -m pipeline.train_teacher)")
+    device = resolve_device(params.train.device)
+    model = load_detector(ckpt).to(device)
+    dataset = CocoDataset(params.data.val_images, params.data.val_ann)
+    view = View(params.data.min_size, params.data.max_size, False)
+    metrics = evaluate(model, dataset, view, params.eval.batch_size, device)
+    metrics["checkpoint"] = str(ckpt)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(" ".join(f"{k}={metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+
+
+if __name__ == "__main__":
+    main()
