@@ -22,12 +22,13 @@ h_l = ceil(h / stride_l), w_l = ceil(w / stride_l)):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from stages.detectors.contract import DetectorOutput, flatten_levels
+from stores.codecs import CodecChain
 
 DENSE_TARGETS = ("fpn", "cls", "box", "quality")
 PER_IMAGE_TARGETS = DENSE_TARGETS + ("detections", "candidates", "tower_stats")
@@ -39,54 +40,42 @@ def valid_cells(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
     return math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride)
 
 
-@dataclass(frozen=True)
-class TransformSpec:
-    """The device-side half of a codec chain (see stores.codecs): how a float map is shrunk."""
-
-    kind: str  # raw | fp16 | bitround | int8c | sparse | u8p
-    arg: float = 0.0
-
-    @classmethod
-    def from_chain(cls, chain: str) -> TransformSpec:
-        head = chain.split("+", 1)[0]
-        for kind in ("bitround", "int8c", "sparse", "u8p", "fp16", "raw"):
-            if head.startswith(kind):
-                rest = head[len(kind) :]
-                return cls(kind, float(rest) if rest else 0.0)
-        raise ValueError(f"codec chain {chain!r}: unknown transform {head!r}")
-
-
-def device_prepare(x: Tensor, spec: TransformSpec) -> dict[str, Tensor]:
-    """Codec parts of float map `x` computed on x's device; mirrors stores.codecs.prepare."""
+def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
+    """Codec parts of `x` computed on x's device; the same parts as `stores.codecs.prepare`
+    (names, dtypes, rounding) so `stores.codecs.pack` frames them after the host copy."""
+    if chain.transform == "raw" or not x.is_floating_point():
+        return {"data": x}
     x = x.float()
-    if spec.kind == "raw":
-        return {"values": x}
-    if spec.kind == "fp16":
-        return {"values": x.half()}
-    if spec.kind == "bitround":
-        keep = int(spec.arg)
-        bits = x.contiguous().view(torch.int32)
-        drop = 23 - keep
+    if chain.transform == "fp16":
+        return {"data": x.half()}
+    if chain.transform == "bitround":
+        drop = 23 - int(chain.param)
         if drop <= 0:
-            return {"values": x}
-        # round half to even on the mantissa, like numcodecs.BitRound
-        half = (1 << (drop - 1)) - 1
-        mask = -(1 << drop)
-        lsb = (bits >> drop) & 1
-        return {"values": ((bits + half + lsb) & mask).view(torch.float32)}
-    if spec.kind == "int8c":
+            return {"data": x}
+        bits = x.contiguous().view(torch.int32)
+        bits = bits + ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)  # round half to even on the mantissa
+        return {"data": (bits & ~((1 << drop) - 1)).view(torch.float32)}
+    if chain.transform == "int8c":
         flat = x.reshape(x.shape[0], -1)
-        scale = flat.abs().amax(dim=1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        amax = flat.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return {"q": q.reshape(x.shape), "scale": scale}
-    if spec.kind == "sparse":
+    if chain.transform == "sparse":
         flat = x.reshape(-1)
-        idx = torch.nonzero(flat >= spec.arg).flatten()
-        return {"idx": idx.to(torch.int32).view(torch.int32), "val": flat[idx].half()}
-    if spec.kind == "u8p":
+        idx = torch.nonzero(flat >= chain.param).flatten()
+        return {"idx": idx.to(torch.int32), "val": flat[idx].half()}
+    if chain.transform == "u8p":
         return {"q": torch.round(x.clamp(0, 1) * 255).to(torch.uint8)}
-    raise ValueError(f"unknown transform {spec.kind}")
+    raise ValueError(f"unknown transform {chain.transform}")
+
+
+def parts_to_numpy(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Host copies of device parts with the dtypes `pack` expects (sparse indices are uint32)."""
+    out = {k: v.cpu().numpy() for k, v in parts.items()}
+    if "idx" in out:
+        out["idx"] = out["idx"].astype(np.uint32)
+    return out
 
 
 def _crop(m: Tensor, b: int, hw: tuple[int, int]) -> Tensor:

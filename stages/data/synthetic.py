@@ -1,0 +1,482 @@
+"""A small, deterministic, COCO-format synthetic detection dataset that is hard but learnable.
+
+Six classes, each told apart by its shape AND its texture (colour is only a weak cue: every class
+has a hue family with wide jitter, and 20% of objects get a random hue):
+
+    id  name      shape                         texture (in the object's own rotated frame)
+    1   disc      filled ellipse                concentric bands
+    2   square    rotated rectangle             checkerboard
+    3   triangle  rotated triangle              parallel stripes
+    5   ring      annulus (ellipse with a hole) per-pixel speckle
+    7   cross     plus sign                     dots
+    8   star      five-pointed star             smooth two-colour gradient
+
+(category ids are COCO-like: start at 1 and are non-contiguous, to exercise the label mapping).
+
+Each image (sides drawn independently from [min_side, max_side], so aspect ratios vary) has a
+gradient + low-frequency-noise + faint-texture background, un-annotated clutter (fragments of class
+shapes cut by a straight edge, irregular blobs, texture patches, thin lines, some drawn over the
+objects), 2-12 objects from ~8 px up to ~60% of the shorter side (biased towards small ones),
+objects partially occluding each other (each keeps >= 45% of its area visible) or cut by the image
+border (>= 55% inside), and Gaussian pixel noise. Boxes are the tight extent of the whole
+(amodal) shape clipped to the image, pixel-edge aligned; all annotations have iscrowd=0.
+
+Determinism: image k of split s is drawn from `np.random.default_rng([seed, s, k])`, independent of
+generation order; PNGs are written with a fixed compression level and no metadata, JSON with sorted
+keys, so the same seed gives byte-identical files (on the same numpy / Pillow versions).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CATEGORY_IDS", "CLASSES", "generate", "render_image"]
+
+CLASSES: list[str] = ["disc", "square", "triangle", "ring", "cross", "star"]
+CATEGORY_IDS: list[int] = [1, 2, 3, 5, 7, 8]
+_SPLITS = {"train": 0, "val": 1}
+_PNG_COMPRESS_LEVEL = 6
+MIN_OBJECT = 8.0  # smallest object extent in pixels
+MAX_OBJECT_FRAC = 0.6  # largest object extent as a fraction of the shorter image side
+
+
+# ---------------------------------------------------------------------------------------- geometry
+def _convex_sd(u: np.ndarray, v: np.ndarray, verts: list[tuple[float, float]]) -> np.ndarray:
+    """Approximate signed distance (negative inside) to a convex CCW polygon: max over edge half-planes."""
+    d = None
+    n = len(verts)
+    for i in range(n):
+        (x0, y0), (x1, y1) = verts[i], verts[(i + 1) % n]
+        ex, ey = x1 - x0, y1 - y0
+        ln = math.hypot(ex, ey)
+        nx, ny = ey / ln, -ex / ln  # outward normal of a CCW polygon
+        di = (u - x0) * nx + (v - y0) * ny
+        d = di if d is None else np.maximum(d, di)
+    return d
+
+
+def _regular(n: int, r: float, phase: float) -> list[tuple[float, float]]:
+    return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+
+
+_TRI = _regular(3, 1.0, -math.pi / 2)
+_STAR_OUT = _regular(5, 1.0, -math.pi / 2)
+_STAR_IN = _regular(5, 0.42, -math.pi / 2 + math.pi / 5)
+_STAR_PARTS = [_STAR_IN] + [[_STAR_OUT[k], _STAR_IN[(k - 1) % 5], _STAR_IN[k]] for k in range(5)]
+
+
+def _ccw(p: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    a = sum(p[i][0] * p[(i + 1) % len(p)][1] - p[(i + 1) % len(p)][0] * p[i][1] for i in range(len(p)))
+    return p if a > 0 else p[::-1]
+
+
+_TRI = _ccw(_TRI)
+_STAR_PARTS = [_ccw(p) for p in _STAR_PARTS]
+_SQUARE = _ccw([(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)])
+_CROSS_A = _ccw([(-1.0, -0.3), (1.0, -0.3), (1.0, 0.3), (-1.0, 0.3)])
+_CROSS_B = _ccw([(-0.3, -1.0), (0.3, -1.0), (0.3, 1.0), (-0.3, 1.0)])
+
+
+def _shape_sd(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Signed distance (normalised units, negative inside) of class `cls` in its unit frame (extent ~[-1, 1])."""
+    if cls == 0:  # disc
+        return np.sqrt(u * u + v * v) - 1.0
+    if cls == 1:  # square
+        return _convex_sd(u, v, _SQUARE)
+    if cls == 2:  # triangle (centroid at the origin)
+        return _convex_sd(u, v, _TRI)
+    if cls == 3:  # ring
+        return np.abs(np.sqrt(u * u + v * v) - 0.74) - 0.26
+    if cls == 4:  # cross
+        return np.minimum(_convex_sd(u, v, _CROSS_A), _convex_sd(u, v, _CROSS_B))
+    if cls == 5:  # star
+        d = _convex_sd(u, v, _STAR_PARTS[0])
+        for part in _STAR_PARTS[1:]:
+            d = np.minimum(d, _convex_sd(u, v, part))
+        return d
+    raise ValueError(cls)
+
+
+def _texture(cls: int, pu: np.ndarray, pv: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Texture mix t in [0, 1] for class `cls`; pu, pv are pixel offsets in the object's rotated frame."""
+    period = rng.uniform(3.5, 7.0)
+    w = 2 * math.pi / period
+    ph = rng.uniform(0, 2 * math.pi)
+    if cls == 0:  # concentric bands
+        return 0.5 + 0.5 * np.sin(w * np.sqrt(pu * pu + pv * pv) + ph)
+    if cls == 1:  # checkerboard
+        return (np.sin(w * pu + ph) * np.sin(w * pv + ph) > 0).astype(np.float32)
+    if cls == 2:  # stripes
+        return np.clip(0.5 + 1.5 * np.sin(w * pu + ph), 0, 1)
+    if cls == 3:  # speckle
+        return (rng.random(pu.shape) < 0.5).astype(np.float32)
+    if cls == 4:  # dots
+        return (np.cos(w * pu + ph) + np.cos(w * pv + ph) > 0.9).astype(np.float32)
+    if cls == 5:  # gradient along the object's u axis
+        return np.clip(0.5 + pu / (2.0 * radius), 0, 1)
+    raise ValueError(cls)
+
+
+# ---------------------------------------------------------------------------------------- colour
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0), 1), min(max(v, 0), 1)), dtype=np.float32) * 255
+
+
+def _object_colours(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if rng.random() < 0.2:
+        hue = rng.random()
+    else:
+        hue = cls / len(CLASSES) + rng.normal(0, 0.09)
+    a = _hsv(hue, rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0))
+    if rng.random() < 0.5:  # darker / lighter version of the same hue
+        b = _hsv(hue + rng.normal(0, 0.03), rng.uniform(0.2, 1.0), rng.uniform(0.1, 0.5))
+    else:  # a contrasting hue
+        b = _hsv(hue + 0.5 + rng.normal(0, 0.12), rng.uniform(0.2, 0.9), rng.uniform(0.3, 1.0))
+    return a, b
+
+
+def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    c0 = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.15, 0.95))
+    c1 = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.15, 0.95))
+    ang = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = (xx * math.cos(ang) + yy * math.sin(ang)) / max(h, w)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    # low-frequency colour noise
+    gh, gw = int(rng.integers(3, 8)), int(rng.integers(3, 8))
+    for c in range(3):
+        small = Image.fromarray(rng.normal(0, 22, (gh, gw)).astype(np.float32), mode="F")
+        img[..., c] += np.asarray(small.resize((w, h), Image.BILINEAR))
+    # faint full-image texture (stripes or grain)
+    if rng.random() < 0.5:
+        a = rng.uniform(0, math.pi)
+        per = rng.uniform(4, 16)
+        img += (rng.uniform(4, 14) * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / per))[..., None]
+    else:
+        grain = Image.fromarray(rng.normal(0, 1, (h // 3 + 1, w // 3 + 1)).astype(np.float32), mode="F")
+        img += (rng.uniform(4, 12) * np.asarray(grain.resize((w, h), Image.BILINEAR)))[..., None]
+    return img
+
+
+# ---------------------------------------------------------------------------------------- drawing
+class _Obj:
+    __slots__ = ("cls", "cx", "cy", "radius", "theta", "ax", "ay")
+
+    def __init__(self, cls, cx, cy, radius, theta, ax, ay):
+        self.cls, self.cx, self.cy, self.radius, self.theta, self.ax, self.ay = cls, cx, cy, radius, theta, ax, ay
+
+
+def _frame(o: _Obj, h: int, w: int):
+    """Patch window (clipped to the image) and normalised / pixel coordinates in the object frame."""
+    ext = o.radius * max(o.ax, o.ay) * 1.25 + 2
+    x0, x1 = int(math.floor(o.cx - ext)), int(math.ceil(o.cx + ext)) + 1
+    y0, y1 = int(math.floor(o.cy - ext)), int(math.ceil(o.cy + ext)) + 1
+    full = (x1 - x0) * (y1 - y0)
+    x0c, x1c, y0c, y1c = max(x0, 0), min(x1, w), max(y0, 0), min(y1, h)
+    if x1c <= x0c or y1c <= y0c:
+        return None
+    ys, xs = np.mgrid[y0c:y1c, x0c:x1c].astype(np.float32)
+    dx, dy = xs + 0.5 - o.cx, ys + 0.5 - o.cy  # pixel centres
+    c, s = math.cos(o.theta), math.sin(o.theta)
+    pu = dx * c + dy * s
+    pv = -dx * s + dy * c
+    u = pu / (o.radius * o.ax)
+    v = pv / (o.radius * o.ay)
+    return (y0c, y1c, x0c, x1c), u, v, pu, pv, (x0, x1, y0, y1, full)
+
+
+def _alpha_from_sd(sd: np.ndarray, o: _Obj) -> np.ndarray:
+    px = sd * o.radius * min(o.ax, o.ay)  # approx. pixels
+    return np.clip(0.5 - px, 0.0, 1.0)
+
+
+def _full_area(o: _Obj) -> float:
+    """Mask area (alpha >= 0.5) of the whole shape, ignoring the image border."""
+    ext = o.radius * max(o.ax, o.ay) * 1.25 + 2
+    n = int(2 * ext) + 2
+    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32)
+    dx, dy = xs + 0.5 - n / 2, ys + 0.5 - n / 2
+    c, s = math.cos(o.theta), math.sin(o.theta)
+    u = (dx * c + dy * s) / (o.radius * o.ax)
+    v = (-dx * s + dy * c) / (o.radius * o.ay)
+    return float((_alpha_from_sd(_shape_sd(o.cls, u, v), o) >= 0.5).sum())
+
+
+def _paint(img: np.ndarray, win, alpha: np.ndarray, colour: np.ndarray) -> None:
+    y0, y1, x0, x1 = win
+    region = img[y0:y1, x0:x1]
+    a = alpha[..., None]
+    region *= 1 - a
+    region += colour * a
+
+
+def _object_colour_field(o: _Obj, pu, pv, rng) -> np.ndarray:
+    a, b = _object_colours(o.cls, rng)
+    t = _texture(o.cls, pu, pv, o.radius * max(o.ax, o.ay), rng)
+    col = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
+    # soft shading across the object and per-object colour noise
+    ang = rng.uniform(0, 2 * math.pi)
+    shade = 1.0 + rng.uniform(0, 0.25) * (pu * math.cos(ang) + pv * math.sin(ang)) / max(o.radius, 1.0)
+    col *= np.clip(shade, 0.6, 1.4)[..., None]
+    col += rng.normal(0, rng.uniform(2, 10), col.shape).astype(np.float32)
+    return col
+
+
+def _random_obj(cls: int, h: int, w: int, rng: np.random.Generator, small_bias: bool = True) -> _Obj:
+    short = min(h, w)
+    hi = max(MIN_OBJECT + 1, MAX_OBJECT_FRAC * short)
+    if small_bias and rng.random() < 0.4:
+        size = rng.uniform(MIN_OBJECT, min(26.0, hi))
+    else:
+        size = math.exp(rng.uniform(math.log(MIN_OBJECT), math.log(hi)))
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    ax, ay = math.sqrt(aspect), 1 / math.sqrt(aspect)
+    radius = size / 2 / max(ax, ay)  # the longer axis spans ~size
+    margin = 0.15 * size
+    cx = rng.uniform(-margin, w + margin)
+    cy = rng.uniform(-margin, h + margin)
+    return _Obj(cls, cx, cy, radius, rng.uniform(0, 2 * math.pi), ax, ay)
+
+
+def _draw_distractors(img: np.ndarray, rng: np.random.Generator, n_frag: int, n_blob: int, n_patch: int, n_line: int):
+    h, w = img.shape[:2]
+    # texture patches: parallelograms with object-like textures, semi-transparent
+    for _ in range(n_patch):
+        o = _random_obj(int(rng.integers(len(CLASSES))), h, w, rng, small_bias=False)
+        fr = _frame(o, h, w)
+        if fr is None:
+            continue
+        win, u, v, pu, pv, _ = fr
+        sd = np.maximum(np.abs(u) - 1.0, np.abs(v + 0.4 * u) - rng.uniform(0.3, 0.9))
+        alpha = _alpha_from_sd(sd, o) * rng.uniform(0.25, 0.6)
+        tex_cls = int(rng.choice([0, 1, 2, 4]))
+        a, b = _object_colours(int(rng.integers(len(CLASSES))), rng)
+        t = _texture(tex_cls, pu, pv, o.radius, rng)
+        _paint(img, win, alpha, a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None])
+    # irregular blobs (low-order radial harmonics: never star- or cross-like)
+    for _ in range(n_blob):
+        o = _random_obj(0, h, w, rng)
+        fr = _frame(o, h, w)
+        if fr is None:
+            continue
+        win, u, v, pu, pv, _ = fr
+        r = np.sqrt(u * u + v * v)
+        phi = np.arctan2(v, u)
+        k = int(rng.integers(2, 4))
+        boundary = 0.8 + rng.uniform(0.05, 0.2) * np.sin(k * phi + rng.uniform(0, 6.3))
+        alpha = _alpha_from_sd(r - boundary, o)
+        a, b = _object_colours(int(rng.integers(len(CLASSES))), rng)
+        t = 0.5 + 0.5 * np.tanh(rng.normal(0, 1.0) * u)
+        _paint(img, win, alpha, a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None])
+    # fragments: a class shape + its texture cut by a straight edge, 20-45% of it left
+    for _ in range(n_frag):
+        cls = int(rng.integers(len(CLASSES)))
+        o = _random_obj(cls, h, w, rng)
+        fr = _frame(o, h, w)
+        if fr is None:
+            continue
+        win, u, v, pu, pv, _ = fr
+        ang = rng.uniform(0, 2 * math.pi)
+        cut = u * math.cos(ang) + v * math.sin(ang) - rng.uniform(-0.55, -0.1)
+        alpha = _alpha_from_sd(np.maximum(_shape_sd(cls, u, v), cut), o)
+        _paint(img, win, alpha, _object_colour_field(o, pu, pv, rng))
+    _draw_lines(img, rng, n_line)
+
+
+def _draw_lines(img: np.ndarray, rng: np.random.Generator, n: int) -> None:
+    h, w = img.shape[:2]
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        length = rng.uniform(10, 0.8 * max(h, w))
+        ang = rng.uniform(0, 2 * math.pi)
+        x1, y1 = x0 + length * math.cos(ang), y0 + length * math.sin(ang)
+        half = rng.uniform(0.4, 1.6)
+        bx0, bx1 = int(max(min(x0, x1) - 3, 0)), int(min(max(x0, x1) + 4, w))
+        by0, by1 = int(max(min(y0, y1) - 3, 0)), int(min(max(y0, y1) + 4, h))
+        if bx1 <= bx0 or by1 <= by0:
+            continue
+        ys, xs = np.mgrid[by0:by1, bx0:bx1].astype(np.float32) + 0.5
+        ex, ey = x1 - x0, y1 - y0
+        tt = np.clip(((xs - x0) * ex + (ys - y0) * ey) / (ex * ex + ey * ey), 0, 1)
+        dist = np.hypot(xs - (x0 + tt * ex), ys - (y0 + tt * ey))
+        alpha = np.clip(half + 0.5 - dist, 0, 1) * rng.uniform(0.5, 1.0)
+        colour = _hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.05, 1.0))
+        _paint(img, (by0, by1, bx0, bx1), alpha, colour[None, None])
+
+
+def render_image(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+    """One image [h, w, 3] uint8 and its objects [{'category_id', 'bbox' [x,y,w,h], 'area'}]."""
+    img = _background(h, w, rng)
+    _draw_distractors(
+        img,
+        rng,
+        n_frag=int(rng.integers(0, 4)),
+        n_blob=int(rng.integers(1, 5)),
+        n_patch=int(rng.integers(0, 3)),
+        n_line=int(rng.integers(1, 5)),
+    )
+    owner = np.full((h, w), -1, dtype=np.int32)  # top-most object per pixel (alpha >= 0.5)
+    visible: list[int] = []  # visible pixel count per placed object
+    full_areas: list[float] = []
+    objects: list[dict] = []
+    n_target = int(rng.integers(2, 13))
+    for _ in range(n_target):
+        cls = int(rng.integers(len(CLASSES)))
+        for _attempt in range(12):
+            o = _random_obj(cls, h, w, rng)
+            fr = _frame(o, h, w)
+            if fr is None:
+                continue
+            win, u, v, pu, pv, _ = fr
+            alpha = _alpha_from_sd(_shape_sd(cls, u, v), o)
+            mask = alpha >= 0.5
+            n_in = int(mask.sum())
+            if n_in == 0:
+                continue
+            full = _full_area(o)
+            if n_in < 0.55 * full:  # too much outside the image
+                continue
+            ys, xs = np.nonzero(mask)
+            y0, _, x0, _ = win
+            bx0, bx1 = x0 + int(xs.min()), x0 + int(xs.max()) + 1
+            by0, by1 = y0 + int(ys.min()), y0 + int(ys.max()) + 1
+            if bx1 - bx0 < 5 or by1 - by0 < 5:
+                continue
+            # occlusion: every earlier object must keep >= 45% of its full area visible
+            under = owner[win[0] : win[1], win[2] : win[3]][mask]
+            under = under[under >= 0]
+            ok = True
+            if under.size:
+                covered = np.bincount(under, minlength=len(visible))
+                for j, cov in enumerate(covered):
+                    if cov and visible[j] - cov < 0.45 * full_areas[j]:
+                        ok = False
+                        break
+            if not ok:
+                continue
+            if under.size:
+                for j, cov in enumerate(np.bincount(under, minlength=len(visible))):
+                    visible[j] -= int(cov)
+            owner[win[0] : win[1], win[2] : win[3]][mask] = len(visible)
+            visible.append(n_in)
+            full_areas.append(full)
+            _paint(img, win, alpha, _object_colour_field(o, pu, pv, rng))
+            objects.append(
+                {
+                    "category_id": CATEGORY_IDS[cls],
+                    "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
+                    "area": float(n_in),
+                }
+            )
+            break
+    # a little clutter over the objects, then sensor noise
+    _draw_lines(img, rng, int(rng.integers(0, 3)))
+    img += rng.normal(0, rng.uniform(2.0, 8.0), img.shape).astype(np.float32)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), objects
+
+
+# ---------------------------------------------------------------------------------------- dataset
+def _split_dataset(split: str, n: int, out_dir: Path, seed: int, min_side: int, max_side: int, bar) -> dict:
+    img_dir = out_dir / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ann_id = 1
+    for k in range(n):
+        rng = np.random.default_rng([seed, _SPLITS[split], k])
+        h = int(rng.integers(min_side, max_side + 1))
+        w = int(rng.integers(min_side, max_side + 1))
+        pixels, objects = render_image(h, w, rng)
+        image_id = k + 1
+        file_name = f"{image_id:06d}.png"
+        tmp = img_dir / f".{file_name}.tmp"
+        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+        os.replace(tmp, img_dir / file_name)
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        for obj in objects:
+            annotations.append({"id": ann_id, "image_id": image_id, "iscrowd": 0, **obj})
+            ann_id += 1
+        if bar is not None:
+            bar.update(1)
+    coco = {
+        "info": {"description": f"kdcache synthetic shapes ({split}, seed {seed})", "version": "1"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(CATEGORY_IDS, CLASSES)
+        ],
+    }
+    ann_path = out_dir / "annotations" / f"instances_{split}.json"
+    ann_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ann_path.with_name(f".{ann_path.name}.tmp")
+    tmp.write_text(json.dumps(coco, sort_keys=True, separators=(",", ":")) + "\n")
+    os.replace(tmp, ann_path)
+    return {"images": str(img_dir), "ann": str(ann_path), "annotations": annotations, "num_images": n}
+
+
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_train: int = 240,
+    num_val: int = 60,
+    min_side: int = 128,
+    max_side: int = 224,
+    progress: bool = True,
+) -> dict:
+    """Write out_dir/{train,val}/*.png and out_dir/annotations/instances_{train,val}.json.
+
+    Returns {'out_dir', 'train_images', 'train_ann', 'val_images', 'val_ann', 'num_images': {split: n},
+    'num_annotations': {split: n}, 'per_class': {split: {name: n}}, 'box_side': {'min', 'median', 'max'},
+    'seconds'}.
+    """
+    if not (isinstance(min_side, int) and isinstance(max_side, int)) or min_side < 48 or max_side < min_side:
+        raise ValueError(f"need 48 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_train + num_val, desc=f"synthetic -> {out}", unit="img")
+    try:
+        splits = {
+            split: _split_dataset(split, n, out, seed, min_side, max_side, bar)
+            for split, n in (("train", num_train), ("val", num_val))
+        }
+    finally:
+        if bar is not None:
+            bar.close()
+    sides = [min(a["bbox"][2], a["bbox"][3]) for s in splits.values() for a in s["annotations"]]
+    name_of = dict(zip(CATEGORY_IDS, CLASSES))
+    per_class = {}
+    for split, s in splits.items():
+        counts = dict.fromkeys(CLASSES, 0)
+        for a in s["annotations"]:
+            counts[name_of[a["category_id"]]] += 1
+        per_class[split] = counts
+    return {
+        "out_dir": str(out),
+        "train_images": splits["train"]["images"],
+        "train_ann": splits["train"]["ann"],
+        "val_images": splits["val"]["images"],
+        "val_ann": splits["val"]["ann"],
+        "num_images": {k: s["num_images"] for k, s in splits.items()},
+        "num_annotations": {k: len(s["annotations"]) for k, s in splits.items()},
+        "per_class": per_class,
+        "box_side": {
+            "min": float(min(sides)) if sides else 0.0,
+            "median": float(np.median(sides)) if sides else 0.0,
+            "max": float(max(sides)) if sides else 0.0,
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,97 @@
+"""ResNet + FPN backbone shared by every detector in the zoo: P3..P7, strides 8..128.
+
+Built from torchvision pieces with torchvision's attribute names (`body`, `fpn`), so a
+torchvision detection checkpoint's `backbone.*` keys load as they are. We train from scratch,
+so the ResNet keeps trainable `BatchNorm2d` (torchvision's pretrained detectors freeze BN:
+`FrozenBatchNorm2d` has the same state_dict keys minus `num_batches_tracked`, which
+`stages.detectors.build.load_detector` tolerates).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+STRIDES = [8, 16, 32, 64, 128]  # P3..P7
+PAD_MULTIPLE = STRIDES[-1]  # inputs are padded to a multiple of the coarsest stride
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def build_backbone(name: str, fpn_channels: int, pretrained: str = "") -> BackboneWithFPN:
+    """ResNet `name` (weights=None, trainable BN) + FPN on C3..C5 + P6/P7 from P5.
+
+    Returns the torchvision `BackboneWithFPN`; its forward gives an OrderedDict
+    {'0': P3, '1': P4, '2': P5, 'p6': P6, 'p7': P7}, each [B, fpn_channels, H/s, W/s].
+    `pretrained`: optional local path to a torchvision ResNet state_dict (no downloads).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    if fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be >= 1, got {fpn_channels}")
+    net = getattr(resnet, name)(weights=None)
+    if pretrained:
+        load_resnet_weights(net, pretrained)
+    c5 = net.fc.in_features  # 512 (basic blocks) or 2048 (bottlenecks)
+    return BackboneWithFPN(
+        net,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[c5 // 4, c5 // 2, c5],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+    )
+
+
+def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
+    """Strictly load a ResNet state_dict file into `net` (the `fc.*` head and BN counters may be absent)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a ResNet state_dict, got {type(state).__name__}")
+    state = dict(state)
+    own = net.state_dict()
+    for key, value in own.items():
+        if key not in state and (key.endswith("num_batches_tracked") or key.startswith("fc.")):
+            state[key] = value
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path}: not a state_dict of this ResNet (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shapes {shapes[:3]}); check model.backbone against the file's architecture"
+        )
+    net.load_state_dict(state)
+
+
+def gn_groups(channels: int, preferred: int = 32) -> int:
+    """GroupNorm groups for narrow heads: 32 where it divides, else the largest divisor that does."""
+    return math.gcd(preferred, channels)
+
+
+def normalize_batch(images: Tensor, image_sizes: list[tuple[int, int]], mean: Tensor, std: Tensor) -> Tensor:
+    """ImageNet-normalise a padded [B, 3, H, W] batch in [0, 1]; padding becomes exactly 0.
+
+    torchvision normalises each image then pads with zeros; doing the same keeps our features
+    equal to a torchvision detector's for the same image, whatever the padding value was.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % PAD_MULTIPLE or w % PAD_MULTIPLE:
+        raise ValueError(f"padded input {h}x{w}: H and W must be multiples of {PAD_MULTIPLE} (the P7 stride)")
+    if len(image_sizes) != images.shape[0]:
+        raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
+    x = (images - mean[:, None, None]) / std[:, None, None]
+    if any(ih < h or iw < w for ih, iw in image_sizes):
+        mask = torch.zeros((images.shape[0], 1, h, w), dtype=x.dtype, device=x.device)
+        for b, (ih, iw) in enumerate(image_sizes):
+            mask[b, :, :ih, :iw] = 1
+        x = x * mask
+    return x

@@ -1,0 +1,202 @@
+"""Stage 2: train one student with GT loss + KD losses against cached (or live) teacher targets.
+
+The training loop is the foundation's (`stages.training.train_loop`); this module only supplies
+the batches, the teacher targets for each batch and the loss function. Offline (default) the
+teacher never runs: its targets come from the cache, whose manifest is checked against this run's
+params first. Online (`distill.teacher: online`) runs the live teacher on the same batches and
+extracts the same records before any codec — the reference the cache is measured against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.cache_targets import PER_IMAGE_TARGETS
+from stages.caching import check_cache, open_reader, teacher_head_from_cache
+from stages.config import DistillParams, Params, from_dict, to_dict
+from stages.data.coco import CocoDataset
+from stages.data.views import View
+from stages.detector_training import to_device
+from stages.detectors.build import build_detector, checkpoint_dict, load_detector
+from stages.evaluation import evaluate
+from stages.losses.registry import LossContext, build_kd_losses
+from stages.student_data import CachedViewDataset, check_padding, padded_size, wds_batches
+from stages.teacher_source import cached_records_to_device, live_records, records_to_targets
+from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
+
+
+def resolve_distill(params: Params, experiment: str | None) -> DistillParams:
+    """`distill` with the named experiment's keys laid over it (experiments: {name: {losses: ..}})."""
+    if not experiment:
+        return params.distill
+    if experiment not in params.experiments:
+        raise ValueError(f"unknown experiment {experiment!r}; params.yaml defines: {', '.join(params.experiments)}")
+    merged = to_dict(params.distill) | dict(params.experiments[experiment])
+    return from_dict(DistillParams, merged, f"experiments.{experiment}")
+
+
+@dataclass
+class TeacherInfo:
+    """What stage 2 knows about the teacher without running it."""
+
+    arch: dict[str, Any]  # ModelParams as a dict
+    num_classes: int
+    head: nn.Module | None
+
+
+def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: int, t_quality: bool) -> LossContext:
+    return LossContext(
+        student_arch=student.arch,
+        teacher_arch=t_arch["arch"],
+        num_classes=num_classes,
+        num_levels=len(student.strides),
+        strides=list(student.strides),
+        student_channels=student.fpn_channels,
+        teacher_channels=t_arch["fpn_channels"],
+        student_head_channels=student.fpn_channels,
+        teacher_head_channels=t_arch["fpn_channels"],
+        num_anchors=student.num_anchors,
+        box_dim=student.box_dim,
+        teacher_box_dim=t_box_dim,
+        reg_max=student.reg_max,
+        student_dense=student.dense,
+        teacher_has_quality=t_quality,
+    )
+
+
+def reuse_index(distill: DistillParams, teacher_default: int, head_convs: int) -> int:
+    idx = distill.crosskd.reuse_index
+    return min(teacher_default if idx < 0 else idx, head_convs - 1)
+
+
+def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True) -> dict:
+    """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics."""
+    distill = resolve_distill(params, experiment)
+    cfg = params.train
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    coco = CocoDataset(params.data.train_images, params.data.train_ann)
+    student_cfg = params.student.model
+    student = build_detector(student_cfg, student_cfg.num_classes or coco.num_classes).to(device)
+    views = [View(v.min_size, v.max_size, v.flip) for v in params.cache.views]
+
+    if distill.teacher == "online":
+        teacher = load_detector(params.teacher.checkpoint).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        t_arch = to_dict(from_dict(type(params.teacher.model), _model_params_of(params.teacher.checkpoint)))
+        t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
+        t_box_dim, t_quality, t_default, t_convs = teacher.box_dim, teacher.has_quality, teacher.default_reuse_index, teacher.head_convs
+        reader = None
+    else:
+        reader = open_reader(params.cache.path, distill.source)
+        check_cache(reader, params)
+        t_arch = reader.manifest.fingerprint["teacher_arch"]
+        t_info = TeacherInfo(t_arch, reader.manifest.meta["num_classes"], None)
+        t_box_dim, t_quality = reader.manifest.meta["box_dim"], reader.manifest.meta["has_quality"]
+        t_default, t_convs = reader.manifest.meta["default_reuse_index"], t_arch["head_convs"]
+    if t_info.num_classes != student.num_classes:
+        raise ValueError(f"teacher has {t_info.num_classes} classes, student {student.num_classes}: same dataset?")
+
+    ctx = loss_context(student, t_arch, t_info.num_classes, t_box_dim, t_quality)
+    kd = build_kd_losses(distill.losses, ctx, distill).to(device)
+    needs = kd.needs()
+    index = reuse_index(distill, t_default, t_convs)
+    if "head" in needs and t_info.head is None:
+        t_info.head = teacher_head_from_cache(reader, t_arch, t_info.num_classes).to(device)
+    cache_targets = sorted(_targets_for(needs))
+
+    def teacher_targets(batch, images, targets):
+        padded = tuple(images.shape[-2:])
+        if distill.teacher == "online":
+            _, records = live_records(teacher, images, batch["image_sizes"], targets, cache_targets)
+        else:
+            padded = check_padding(batch)
+            records = cached_records_to_device(batch["teacher"], device)
+        return records_to_targets(records, padded, list(student.strides), t_info.head, index)
+
+    def step_loss(batch):
+        images, targets = to_device(batch, device)
+        out = student(images, batch["image_sizes"], targets=targets)
+        losses = dict(out.losses)
+        if distill.losses:
+            kd_losses = kd(out, teacher_targets(batch, images, targets), targets)
+            losses.update({k: v for k, v in kd_losses.items() if k != "kd_total"})
+        return losses
+
+    make_batches = _batch_source(params, distill, coco, views, reader, cfg)
+    meta = checkpoint_dict(student, student_cfg)
+    meta.pop("model")
+    meta.update(categories=coco.categories, params=to_dict(params), experiment=experiment or "")
+    train_loop(
+        modules={"model": student, "kd": kd},
+        step_loss=step_loss,
+        make_batches=make_batches,
+        cfg=cfg,
+        out_dir=out_dir,
+        checkpoint_meta=meta,
+        device=device,
+        progress=progress,
+        desc=f"student {experiment or ''}".strip(),
+    )
+    final = checkpoint_dict(student.cpu(), student_cfg) | {"categories": coco.categories, "step": cfg.steps}
+    save_checkpoint(out_dir / "model.pt", final)
+    val = CocoDataset(params.data.val_images, params.data.val_ann)
+    metrics = evaluate(student.to(device), val, View(params.data.min_size, params.data.max_size), params.eval.batch_size,
+                       device, progress)
+    metrics.update(experiment=experiment or "", teacher_mode=distill.teacher, losses=distill.losses)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def _model_params_of(checkpoint: str) -> dict:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return state["model_params"]
+
+
+def _targets_for(needs: set[str]) -> set[str]:
+    """Per-image record families a set of loss needs maps to (the head is static, not per image)."""
+    mapping = {"fpn": "fpn", "cls": "cls", "box": "box", "quality": "quality", "candidates": "candidates",
+               "tower_stats": "tower_stats", "head": "tower_stats"}
+    return {mapping[n] for n in needs if mapping[n] in PER_IMAGE_TARGETS}
+
+
+def _batch_source(params, distill, coco, views, reader, cfg):
+    if distill.teacher == "offline" and distill.source == "wds":
+        from stores.wds_store import decode_sample
+
+        return lambda start: wds_batches(reader.shard_paths(), decode_sample, coco, views, cfg.batch_size,
+                                         cfg.seed, start)
+    if reader is not None:
+        dataset = CachedViewDataset(coco, views, reader)
+        views_of, bucket_of = dataset.views_of, dataset.bucket_of
+    else:
+        from stages.data.batching import ViewDataset
+
+        dataset = ViewDataset(coco, views, mode="all")
+        sizes = [padded_size(v, *(int(coco.coco.imgs[i]["height"]), int(coco.coco.imgs[i]["width"])))
+                 for i in coco.image_ids for v in views]
+        views_of, bucket_of = None, sizes.__getitem__
+
+    def make(start: int):
+        from stages.data.batching import collate
+
+        sampler = EpochBatchSampler(len(coco), cfg.batch_size, cfg.seed, num_views=len(views), start_step=start,
+                                    views_of=views_of, bucket_of=bucket_of, **_ddp_rank())
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        return iter(loader)
+
+    return make
+
+
+def _ddp_rank() -> dict:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return {"rank": torch.distributed.get_rank(), "world": torch.distributed.get_world_size()}
+    return {}

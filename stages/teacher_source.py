@@ -1,0 +1,112 @@
+"""Per-image teacher records -> batched `TeacherTargets`, for cached and live teachers alike.
+
+Offline, the records come decoded from the cache; online, from `extract_records` on a live
+teacher forward. Both go through `records_to_targets`, so the two modes differ only by the
+codec: maps are placed at the top-left of zero maps of the batch's padded level sizes (cells
+outside the image are zero in both modes; the losses mask them anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from stages.cache_targets import extract_records
+from stages.detectors.contract import DetectorOutput
+from stages.teacher_targets import TeacherTargets
+
+
+def _place(maps: Sequence[Tensor], padded_hw: tuple[int, int], stride: int) -> Tensor:
+    """Stack per-image [C, h, w] crops into [B, C, H/stride, W/stride] zeros."""
+    c = maps[0].shape[0]
+    out = maps[0].new_zeros((len(maps), c, padded_hw[0] // stride, padded_hw[1] // stride))
+    for b, m in enumerate(maps):
+        out[b, :, : m.shape[1], : m.shape[2]] = m
+    return out
+
+
+def _levels(records: list[dict[str, Tensor]], family: str, padded_hw, strides) -> list[Tensor]:
+    if f"{family}.0" not in records[0]:
+        return []
+    return [_place([r[f"{family}.{lv}"] for r in records], padded_hw, s) for lv, s in enumerate(strides)]
+
+
+def tower_statistics(records: list[dict[str, Tensor]], index: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per-channel mean/std of the teacher's pre-activation tower map at `index` over the batch."""
+    mean, std = {}, {}
+    for branch in ("cls", "reg"):
+        key = f"tower.{branch}.{index}"
+        if key not in records[0]:
+            continue
+        count, total, sq = torch.stack([r[key].double() for r in records]).sum(0)
+        m = total / count
+        mean[branch] = m.float()
+        std[branch] = (sq / count - m * m).clamp_min(1e-12).sqrt().float()
+    return mean, std
+
+
+def records_to_targets(
+    records: list[dict[str, Tensor]],
+    padded_hw: tuple[int, int],
+    strides: list[int],
+    head: nn.Module | None = None,
+    reuse_index: int = -1,
+) -> TeacherTargets:
+    """Batch per-image records (tensors already on the training device) into TeacherTargets."""
+    candidates = []
+    for r in records:
+        if "cand.offsets" not in r:
+            break
+        off = r["cand.offsets"].tolist()
+        candidates.append(
+            [(r["cand.index"][off[g] : off[g + 1]].long(), r["cand.score"][off[g] : off[g + 1]].float())
+             for g in range(len(off) - 1)]
+        )
+    detections = [
+        {"boxes": r["det.boxes"], "scores": r["det.scores"], "labels": r["det.labels"].long()}
+        for r in records
+        if "det.boxes" in r
+    ]
+    mean, std = tower_statistics(records, reuse_index) if reuse_index >= 0 else ({}, {})
+    return TeacherTargets(
+        fpn=_levels(records, "fpn", padded_hw, strides),
+        cls_probs=_levels(records, "cls", padded_hw, strides),
+        box_reg=_levels(records, "box", padded_hw, strides),
+        quality=_levels(records, "quality", padded_hw, strides),
+        candidates=candidates,
+        detections=detections,
+        head=head,
+        tower_mean=mean,
+        tower_std=std,
+        reuse_index=reuse_index,
+    )
+
+
+def cached_records_to_device(arrays: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
+    """Decoded numpy records -> tensors on `device` (pinned, async copies on CUDA)."""
+    out = []
+    for rec in arrays:
+        converted = {}
+        for name, a in rec.items():
+            t = torch.from_numpy(a)
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            converted[name] = t
+        out.append(converted)
+    return out
+
+
+@torch.no_grad()
+def live_records(
+    teacher: nn.Module,
+    images: Tensor,
+    image_sizes: list[tuple[int, int]],
+    gt: list[dict[str, Tensor]],
+    targets: list[str],
+) -> tuple[DetectorOutput, list[dict[str, Tensor]]]:
+    """Run the teacher and extract exactly what stage 1 would cache (before codecs)."""
+    out = teacher(images, image_sizes, with_detections="detections" in targets)
+    cands = teacher.candidates(out, gt) if "candidates" in targets else None
+    return out, extract_records(out, targets, gt, cands, teacher.num_classes)

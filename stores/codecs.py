@@ -1,0 +1,405 @@
+"""Codec chains for cached teacher targets: one lossy-or-not transform, then one lossless stage.
+
+A chain is written ``"<transform>+<lossless>"``, e.g. ``"fp16+zstd"``, ``"int8c+zstd"``,
+``"sparse0.01+zstd"``, ``"bitround7+blosc"``, ``"raw+none"``. It is chosen per target family in
+``params.cache.codecs`` (see ``stores.base.encode_record``).
+
+Encoding is split in two so that the caching loop can do the transform on the GPU (quantise /
+sparsify before the device-to-host copy, which is then 2-8x smaller) and only the lossless stage
+on the CPU::
+
+    parts = prepare(array, chain)                       # the transform -> named numpy arrays
+    blob  = pack(parts, chain, array.shape, array.dtype) # lossless stage + framing -> bytes
+    encode(array, chain) == pack(prepare(array, chain), chain, array.shape, array.dtype)
+
+Torch code that computes the parts itself must produce exactly these (all arrays C-contiguous;
+``pack`` checks names, dtypes and shapes and raises ValueError on any difference). Rounding is
+``np.round`` / ``torch.round``: round half to even. All arithmetic is float32.
+
+=============  =====================================================================================
+transform      parts (name: dtype, shape) and how they are computed from x (shape S)
+=============  =====================================================================================
+raw            data: x.dtype, S. x unchanged (float32 stays float32, int64 stays int64). Exact.
+fp16           data: float16, S. ``x.astype(float16)`` (IEEE round to nearest even, like
+               ``tensor.half()``; |x| > 65504 becomes +-inf, so do not use it for unbounded maps).
+bitroundN      data: float32, S, N in 1..23 mantissa bits kept. On the int32 bit pattern b of
+               float32(x), with m = 23 - N: ``b += ((b >> m) & 1) + (1 << (m - 1)) - 1;
+               b &= ~((1 << m) - 1)`` (round half to even on the mantissa, = numcodecs.BitRound).
+               Relative error <= 2**-(N+1). The zeroed low bits are what zstd then compresses.
+int8c          q: int8, S; scale: float32, [S[0]]. Per channel c (axis 0; a 0-d array is one
+               channel): ``amax[c] = max|x[c]|``; ``scale[c] = amax[c] / 127`` (float32), or 1 where
+               amax[c] == 0; ``q = clip(round(x / scale[c]), -127, 127)``. Decoded ``q * scale[c]``;
+               abs error <= scale[c] / 2 = amax[c] / 254. Non-finite input raises ValueError.
+sparseT        idx: uint32, [M]; val: float16, [M]. For maps of probabilities in [0, 1]:
+               ``idx = flatnonzero(x.ravel() >= T)`` (C order, ascending), ``val = x.ravel()[idx]
+               .astype(float16)``. Everything else decodes to 0 (abs error < T there; negative
+               values also become 0). At most 2**32 - 1 elements.
+u8p            q: uint8, S. ``round(clip(x, 0, 1) * 255)``; decoded ``q / 255`` (abs error <= 1/510).
+=============  =====================================================================================
+
+Decoded arrays are float32 for every lossy transform, and the original dtype for ``raw``.
+Non-float arrays (labels, indices, offsets) are always stored exactly: ``encode`` forces the
+transform to ``raw`` for them and keeps the chain's lossless stage.
+
+Lossless stages, applied to each part separately (so blosc's byte shuffle sees the part's own
+item size): ``zstd`` = numcodecs.Zstd(level=3, checksum=True) (a frame checksum, so a corrupt
+blob fails to decode instead of decoding to garbage), ``blosc`` = numcodecs.Blosc(cname="zstd",
+clevel=3, shuffle=SHUFFLE), ``none``. A part that the stage does not make smaller (e.g. the tiny
+``scale`` vector) is stored as is; the header says which per part.
+
+Blob framing (no pickle): a msgpack map (``use_bin_type``)::
+
+    {"format": "kdcache-blob", "version": 1, "chain": "<canonical spec>", "shape": [...],
+     "dtype": "<original numpy dtype name>",
+     "parts": {name: {"dtype": "<numpy dtype str, little-endian>", "shape": [...],
+                      "filter": "none" | "delta", "codec": "zstd" | "blosc" | "none", "bytes": <bin>}}}
+
+``filter`` "delta" (used for sparse ``idx`` when a lossless stage follows) stores
+``diff(idx, prepend=0)`` in uint32 arithmetic (exact modulo 2**32, decoded by a uint32
+cumsum): ascending indices become small numbers that zstd compresses ~3x better. It is part of
+the lossless stage: callers of ``pack`` still pass the plain indices.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numcodecs
+import numpy as np
+
+BLOB_FORMAT = "kdcache-blob"
+BLOB_VERSION = 1
+
+TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p")
+LOSSLESS = ("zstd", "blosc", "none")
+
+CODEC_CHAINS_FOR_BENCH = [
+    "raw+none",
+    "raw+zstd",
+    "raw+blosc",
+    "fp16+zstd",
+    "fp16+blosc",
+    "bitround10+zstd",
+    "bitround7+zstd",
+    "bitround7+blosc",
+    "int8c+zstd",
+    "int8c+blosc",
+    "u8p+zstd",
+    "sparse0.01+zstd",
+    "sparse0.05+zstd",
+]
+
+_VALID_FORMS = (
+    "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
+    "int8c, sparseT (0 < T <= 1), u8p and lossless one of zstd, blosc, none; e.g. 'fp16+zstd', "
+    "'int8c+zstd', 'bitround7+zstd', 'sparse0.01+zstd'"
+)
+
+_ZSTD = numcodecs.Zstd(level=3, checksum=True)
+_BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+class BlobDecodeError(ValueError):
+    """A blob is not a valid kdcache blob (corrupt, truncated or foreign bytes)."""
+
+
+@dataclass(frozen=True)
+class CodecChain:
+    """A parsed chain. ``param`` is N for bitround, T for sparse, None otherwise."""
+
+    transform: str
+    lossless: str
+    param: float | int | None = None
+
+    @property
+    def spec(self) -> str:
+        """Canonical string form (``parse_chain(c.spec) == c``)."""
+        if self.transform == "bitround":
+            head = f"bitround{self.param}"
+        elif self.transform == "sparse":
+            head = f"sparse{self.param:g}"
+        else:
+            head = self.transform
+        return f"{head}+{self.lossless}"
+
+    @property
+    def lossy(self) -> bool:
+        return self.transform != "raw"
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+_RE_BITROUND = re.compile(r"^bitround(\d+)$")
+_RE_SPARSE = re.compile(r"^sparse((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)$")
+
+
+def parse_chain(spec: str | CodecChain) -> CodecChain:
+    """Parse ``"<transform>+<lossless>"``; ValueError naming the bad spec and the valid forms."""
+    if isinstance(spec, CodecChain):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"bad codec chain {spec!r}: expected a string {_VALID_FORMS}")
+    text = spec.strip().lower()
+    head, sep, lossless = text.partition("+")
+    if not sep or "+" in lossless or lossless not in LOSSLESS:
+        raise ValueError(f"bad codec chain {spec!r}: expected {_VALID_FORMS}")
+    if head in ("raw", "fp16", "int8c", "u8p"):
+        return CodecChain(head, lossless)
+    m = _RE_BITROUND.match(head)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 23:
+            raise ValueError(f"bad codec chain {spec!r}: bitround keeps 1..23 mantissa bits, got {n}")
+        return CodecChain("bitround", lossless, n)
+    m = _RE_SPARSE.match(head)
+    if m:
+        t = float(m.group(1))
+        if not 0.0 < t <= 1.0 or not math.isfinite(t):
+            raise ValueError(f"bad codec chain {spec!r}: sparse threshold must be in (0, 1], got {t}")
+        return CodecChain("sparse", lossless, t)
+    raise ValueError(f"bad codec chain {spec!r}: unknown transform {head!r}; expected {_VALID_FORMS}")
+
+
+def effective_chain(array: np.ndarray, chain: CodecChain | str) -> CodecChain:
+    """The chain actually used for `array`: non-float arrays are forced to ``raw`` (exact)."""
+    chain = parse_chain(chain)
+    if chain.transform != "raw" and not np.issubdtype(np.asarray(array).dtype, np.floating):
+        return CodecChain("raw", chain.lossless)
+    return chain
+
+
+# --------------------------------------------------------------------------------------------
+# transforms
+
+
+def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if keepbits >= 23:
+        return x.copy()
+    maskbits = 23 - keepbits
+    b = x.view(np.int32).copy()
+    half_quantum1 = np.int32((1 << (maskbits - 1)) - 1)
+    b += ((b >> maskbits) & np.int32(1)) + half_quantum1
+    b &= np.int32(~((1 << maskbits) - 1))
+    return b.view(np.float32)
+
+
+def prepare(array: np.ndarray, chain: CodecChain | str) -> dict[str, np.ndarray]:
+    """The transform: `array` -> its named parts (see the module docstring for each transform).
+
+    Non-float arrays are stored raw whatever the chain says.
+    """
+    x = np.asarray(array)
+    chain = effective_chain(x, chain)
+    t = chain.transform
+    if t == "raw":
+        return {"data": np.ascontiguousarray(x)}
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if t == "fp16":
+        return {"data": x32.astype(np.float16)}
+    if t == "bitround":
+        return {"data": _bitround(x32, int(chain.param))}
+    if t == "int8c":
+        flat = x32.reshape(1, -1) if x32.ndim == 0 else x32.reshape(x32.shape[0], -1)
+        amax = np.abs(flat).max(axis=1) if flat.size else np.zeros(flat.shape[0], np.float32)
+        if not np.all(np.isfinite(amax)):
+            bad = int(np.flatnonzero(~np.isfinite(amax))[0])
+            raise ValueError(f"int8c: channel {bad} has non-finite values (NaN/inf): cannot quantise")
+        scale = (amax / np.float32(127.0)).astype(np.float32)
+        scale[amax == 0] = 1.0
+        q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
+        return {"q": q.reshape(x32.shape), "scale": scale}
+    if t == "sparse":
+        flat = x32.ravel()
+        if flat.size >= 2**32:
+            raise ValueError(f"sparse: {flat.size} elements exceed the uint32 index range")
+        idx = np.flatnonzero(flat >= np.float32(chain.param)).astype(np.uint32)
+        return {"idx": idx, "val": flat[idx].astype(np.float16)}
+    if t == "u8p":
+        q = np.round(np.clip(x32, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+        return {"q": q}
+    raise AssertionError(t)  # pragma: no cover
+
+
+def _expected_parts(chain: CodecChain, shape: tuple, dtype: np.dtype) -> dict[str, tuple[np.dtype, tuple | None]]:
+    """name -> (dtype, shape or None if 1-d of any length) that `pack` accepts for `chain`."""
+    t = chain.transform
+    if t == "raw":
+        return {"data": (dtype, shape)}
+    if t == "fp16":
+        return {"data": (np.dtype(np.float16), shape)}
+    if t == "bitround":
+        return {"data": (np.dtype(np.float32), shape)}
+    if t == "int8c":
+        channels = shape[0] if len(shape) else 1
+        return {"q": (np.dtype(np.int8), shape), "scale": (np.dtype(np.float32), (channels,))}
+    if t == "sparse":
+        return {"idx": (np.dtype(np.uint32), None), "val": (np.dtype(np.float16), None)}
+    if t == "u8p":
+        return {"q": (np.dtype(np.uint8), shape)}
+    raise AssertionError(t)  # pragma: no cover
+
+
+def _compress(part: np.ndarray, lossless: str) -> tuple[str, bytes]:
+    raw = part.tobytes()
+    if lossless == "none" or part.nbytes == 0:
+        return "none", raw
+    data = _ZSTD.encode(raw) if lossless == "zstd" else _BLOSC.encode(part)
+    data = bytes(data)
+    if len(data) >= len(raw):
+        return "none", raw
+    return lossless, data
+
+
+def _decompress(codec: str, data: bytes) -> bytes:
+    if codec == "none":
+        return data
+    if codec == "zstd":
+        return bytes(_ZSTD.decode(data))
+    if codec == "blosc":
+        return bytes(_BLOSC.decode(data))
+    raise BlobDecodeError(f"unknown lossless codec {codec!r} in blob")
+
+
+def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dtype: str | np.dtype) -> bytes:
+    """Lossless stage + framing: the parts of one array (from `prepare`, or computed the same way
+    with torch) -> a self-describing blob. `shape`/`dtype` are the ORIGINAL array's."""
+    chain = parse_chain(chain)
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    if chain.transform != "raw" and not np.issubdtype(dtype, np.floating):
+        chain = CodecChain("raw", chain.lossless)
+    expected = _expected_parts(chain, shape, dtype)
+    if set(parts) != set(expected):
+        raise ValueError(
+            f"pack({chain.spec}): parts {sorted(parts)} do not match the chain's parts {sorted(expected)}"
+        )
+    out: dict[str, Any] = {}
+    for name, (want_dtype, want_shape) in expected.items():
+        p = np.asarray(parts[name])
+        if p.dtype != want_dtype:
+            raise ValueError(f"pack({chain.spec}): part {name!r} has dtype {p.dtype}, expected {want_dtype}")
+        if want_shape is not None and tuple(p.shape) != want_shape:
+            raise ValueError(f"pack({chain.spec}): part {name!r} has shape {tuple(p.shape)}, expected {want_shape}")
+        if want_shape is None and p.ndim != 1:
+            raise ValueError(f"pack({chain.spec}): part {name!r} must be 1-d, got shape {tuple(p.shape)}")
+        p = np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<"))
+        filt = "none"
+        if chain.transform == "sparse" and name == "idx" and chain.lossless != "none":
+            # ascending flat indices: their differences compress ~3x better (exact, mod 2**32)
+            p = np.diff(p, prepend=np.uint32(0)).astype("<u4") if p.size else p
+            filt = "delta"
+        codec, data = _compress(p, chain.lossless)
+        out[name] = {"dtype": p.dtype.str, "shape": list(p.shape), "filter": filt, "codec": codec, "bytes": data}
+    if chain.transform == "sparse" and len(parts["idx"]) != len(parts["val"]):
+        raise ValueError(f"pack({chain.spec}): idx and val lengths differ")
+    header = {
+        "format": BLOB_FORMAT,
+        "version": BLOB_VERSION,
+        "chain": chain.spec,
+        "shape": list(shape),
+        "dtype": dtype.name,
+        "parts": out,
+    }
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def encode(array: np.ndarray, chain: CodecChain | str) -> bytes:
+    """One array -> blob (= ``pack(prepare(array, chain), chain, array.shape, array.dtype)``)."""
+    x = np.asarray(array)
+    eff = effective_chain(x, chain)
+    return pack(prepare(x, eff), eff, x.shape, x.dtype)
+
+
+def _header(blob: bytes | dict) -> dict:
+    if isinstance(blob, dict):  # e.g. a webdataset pipeline that already msgpack-decoded the member
+        header = blob
+    else:
+        try:
+            header = msgpack.unpackb(blob, raw=False)
+        except Exception as err:  # msgpack raises several unrelated types
+            raise BlobDecodeError(f"not a msgpack blob ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict) or header.get("format") != BLOB_FORMAT:
+        raise BlobDecodeError("not a kdcache blob (missing format tag)")
+    if header.get("version") != BLOB_VERSION:
+        raise BlobDecodeError(
+            f"blob format version {header.get('version')!r}, this code reads version {BLOB_VERSION}: "
+            "rebuild the cache with python -m pipeline.cache_teacher"
+        )
+    return header
+
+
+def blob_info(blob: bytes | dict) -> dict:
+    """Header facts without decompressing: chain, shape, dtype, stored bytes, raw float32 bytes."""
+    h = _header(blob)
+    shape = tuple(h["shape"])
+    n = int(np.prod(shape)) if shape else 1
+    dtype = np.dtype(h["dtype"])
+    raw_itemsize = 4 if np.issubdtype(dtype, np.floating) else dtype.itemsize
+    return {
+        "chain": h["chain"],
+        "shape": shape,
+        "dtype": dtype.name,
+        "stored_bytes": len(blob) if isinstance(blob, bytes | bytearray | memoryview) else None,
+        "raw_bytes": n * raw_itemsize,
+        "parts": {k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "codec": v["codec"]} for k, v in h["parts"].items()},
+    }
+
+
+def decode(blob: bytes | dict) -> np.ndarray:
+    """Self-describing blob -> array: float32 for lossy chains, else the original dtype.
+
+    Raises BlobDecodeError (a ValueError) on corrupt or foreign bytes, never returns garbage
+    silently for the compressed chains (zstd frames carry a checksum, blosc checks its sizes).
+    """
+    h = _header(blob)
+    try:
+        chain = parse_chain(h["chain"])
+        shape = tuple(int(s) for s in h["shape"])
+        parts = {}
+        for name, p in h["parts"].items():
+            dt = np.dtype(p["dtype"])
+            pshape = tuple(int(s) for s in p["shape"])
+            data = _decompress(p["codec"], p["bytes"])
+            n = int(np.prod(pshape)) if pshape else 1
+            if len(data) != n * dt.itemsize:
+                raise BlobDecodeError(f"part {name!r}: {len(data)} bytes for shape {pshape} of {dt}")
+            arr = np.frombuffer(data, dtype=dt).reshape(pshape)
+            filt = p.get("filter", "none")
+            if filt == "delta":
+                arr = np.cumsum(arr, dtype=dt)
+            elif filt != "none":
+                raise BlobDecodeError(f"unknown filter {filt!r} on part {name!r}")
+            parts[name] = arr
+        expected = _expected_parts(chain, shape, np.dtype(h["dtype"]))
+        if set(parts) != set(expected):
+            raise BlobDecodeError(f"parts {sorted(parts)} do not match chain {chain.spec}")
+        t = chain.transform
+        if t == "raw":
+            return parts["data"].astype(np.dtype(h["dtype"]).newbyteorder("="), copy=True)
+        if t in ("fp16", "bitround"):
+            return parts["data"].astype(np.float32)
+        if t == "int8c":
+            q, scale = parts["q"], parts["scale"]
+            flat = q.reshape(1, -1) if q.ndim == 0 else q.reshape(q.shape[0], -1)
+            return (flat.astype(np.float32) * scale.astype(np.float32)[:, None]).reshape(shape)
+        if t == "sparse":
+            n = int(np.prod(shape)) if shape else 1
+            idx = parts["idx"]
+            if idx.size and int(idx.max()) >= n:
+                raise BlobDecodeError(f"sparse index {int(idx.max())} out of range for shape {shape}")
+            out = np.zeros(n, dtype=np.float32)
+            out[idx] = parts["val"].astype(np.float32)
+            return out.reshape(shape)
+        if t == "u8p":
+            return parts["q"].astype(np.float32) / np.float32(255.0)
+    except BlobDecodeError:
+        raise
+    except Exception as err:  # corrupt header fields, failed decompression, bad shapes
+        raise BlobDecodeError(f"corrupt blob ({type(err).__name__}: {err})") from None
+    raise BlobDecodeError(f"unknown transform in chain {h['chain']!r}")  # pragma: no cover

@@ -1,0 +1,249 @@
+"""The cache manifest: what a cache was built from (fingerprint), its plan and its block split.
+
+``<root>/manifest.json`` is shared by both store formats under one cache folder. A cache is
+reusable only by a run that asks for the same fingerprint, plan and block size; anything else
+is refused with a `CacheMismatchError` that names the first differing field, so nobody trains a
+student on targets from another teacher, dataset, view set or codec choice.
+
+Fingerprint fields (all compared): ``schema_version``, ``teacher_weights`` (sha256 of the
+checkpoint file), ``teacher_arch`` (dict), ``dataset`` (dict, e.g. CocoDataset.fingerprint()),
+``views`` (list of view dicts), ``targets`` (list of target families), ``codecs`` (dict family ->
+chain). Extra keys are allowed and compared too. ``meta`` (created_at, host, ...) is free
+information and never compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FINGERPRINT_FIELDS = ("schema_version", "teacher_weights", "teacher_arch", "dataset", "views", "targets", "codecs")
+_FIX = "rebuild it with python -m pipeline.cache_teacher (or point distill to the matching cache)"
+
+
+class CacheMismatchError(ValueError):
+    """A cache exists but was built from different inputs; the message names the field."""
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_difference(have: Any, want: Any, path: str) -> tuple[str, Any, Any] | None:
+    """(field path, cache value, asked value) of the first difference, or None if equal."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in list(have) + [k for k in want if k not in have]:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in want:
+                return sub, have[key], "<absent>"
+            if key not in have:
+                return sub, "<absent>", want[key]
+            diff = _first_difference(have[key], want[key], sub)
+            if diff:
+                return diff
+        return None
+    if isinstance(have, list | tuple) and isinstance(want, list | tuple):
+        for i, (a, b) in enumerate(zip(have, want)):
+            diff = _first_difference(a, b, f"{path}[{i}]")
+            if diff:
+                return diff
+        if len(have) != len(want):
+            return f"{path} (length)", len(have), len(want)
+        return None
+    if _normal(have) != _normal(want):
+        return path, have, want
+    return None
+
+
+def _normal(value: Any) -> Any:
+    """JSON round-trip form, so a tuple equals a list and 1 equals 1.0 after loading."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    fingerprint: dict
+    plan: list[tuple[int, str]]  # (image_id, view_key), sorted; record r = plan[r]
+    block_size: int
+    levels: int
+    meta: dict = field(default_factory=dict)  # free information (created_at, ...), never compared
+
+    def __post_init__(self) -> None:
+        plan = [(int(i), str(v)) for i, v in self.plan]
+        object.__setattr__(self, "plan", plan)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if len(set(plan)) != len(plan):
+            seen: set[tuple[int, str]] = set()
+            dup = next(p for p in plan if p in seen or seen.add(p))
+            raise ValueError(f"plan lists record {dup} twice")
+        fp = dict(self.fingerprint)
+        fp.setdefault("schema_version", self.schema_version)
+        object.__setattr__(self, "fingerprint", fp)
+
+    # -- blocks ---------------------------------------------------------------------------------
+    def num_blocks(self) -> int:
+        return (len(self.plan) + self.block_size - 1) // self.block_size
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """[start, stop) record numbers of `block`."""
+        if not 0 <= block < self.num_blocks():
+            raise IndexError(f"block {block} out of range: the plan has {self.num_blocks()} blocks")
+        start = block * self.block_size
+        return start, min(start + self.block_size, len(self.plan))
+
+    def block_records(self, block: int) -> list[tuple[int, str]]:
+        start, stop = self.block_range(block)
+        return self.plan[start:stop]
+
+    def record_index(self) -> dict[tuple[int, str], int]:
+        """(image_id, view) -> record number."""
+        return {key: i for i, key in enumerate(self.plan)}
+
+    def fingerprint_digest(self) -> str:
+        """sha256 of the canonical JSON of the fingerprint (a short id for logs and dvc)."""
+        text = json.dumps(_normal(self.fingerprint), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "fingerprint": _normal(self.fingerprint),
+            "plan": [[i, v] for i, v in self.plan],
+            "block_size": self.block_size,
+            "levels": self.levels,
+            "meta": _normal(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        missing = [k for k in ("schema_version", "fingerprint", "plan", "block_size", "levels") if k not in data]
+        if missing:
+            raise ValueError(f"manifest lacks {', '.join(missing)}")
+        return cls(
+            schema_version=int(data["schema_version"]),
+            fingerprint=dict(data["fingerprint"]),
+            plan=[(int(i), str(v)) for i, v in data["plan"]],
+            block_size=int(data["block_size"]),
+            levels=int(data["levels"]),
+            meta=dict(data.get("meta") or {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Atomic JSON write (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cache manifest {path} is unreadable ({err}); delete the cache folder and "
+                "rerun python -m pipeline.cache_teacher"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"cache manifest {path} is malformed ({err}); {_FIX}") from None
+
+    def comparable(self) -> dict:
+        """Everything `check_compatible` compares: fingerprint fields, plan, block_size, levels."""
+        return {**_normal(self.fingerprint), "plan": [[i, v] for i, v in self.plan],
+                "block_size": self.block_size, "levels": self.levels}
+
+
+def check_compatible(manifest: Manifest, expected: dict | Manifest, store_path: str | Path) -> None:
+    """Raise CacheMismatchError naming the first field where the cache differs from `expected`.
+
+    `expected` is a fingerprint dict (optionally with ``plan``, ``block_size`` and ``levels``
+    keys, which are then compared too) or a whole Manifest (fingerprint, plan, block_size,
+    levels). Fingerprint fields are compared in the order of FINGERPRINT_FIELDS, then any
+    other keys; for dicts and lists the message names the sub-key / index.
+    """
+    want = expected.comparable() if isinstance(expected, Manifest) else dict(expected)
+    if "schema_version" not in want:
+        want["schema_version"] = SCHEMA_VERSION
+    have = manifest.comparable()
+    order = [k for k in FINGERPRINT_FIELDS if k in have or k in want]
+    order += [k for k in want if k not in order and k not in ("plan", "block_size", "levels")]
+    order += [k for k in have if k not in order and k not in ("plan", "block_size", "levels")]
+    order += [k for k in ("plan", "block_size", "levels") if k in want]
+    for key in order:
+        if key not in have:
+            diff = (key, "<absent>", want[key])
+        elif key not in want:
+            diff = (key, have[key], "<absent>")
+        elif key == "plan":
+            diff = _plan_difference(have[key], want[key])
+        else:
+            diff = _first_difference(have[key], want[key], key)
+        if diff:
+            name, a, b = diff
+            raise CacheMismatchError(
+                f"cache {store_path} was built with a different {name}: cache has {_short(a)}, "
+                f"you asked for {_short(b)}; {_FIX}"
+            )
+
+
+def _plan_difference(have: list, want: list) -> tuple[str, Any, Any] | None:
+    have = [(int(i), str(v)) for i, v in have]
+    want = [(int(i), str(v)) for i, v in want]
+    for r, (a, b) in enumerate(zip(have, want)):
+        if a != b:
+            return f"plan (record {r})", f"image {a[0]} view {a[1]}", f"image {b[0]} view {b[1]}"
+    if len(have) != len(want):
+        return "plan (number of records)", len(have), len(want)
+    return None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write `data` to a temp file next to `path`, then os.replace: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def make_plan(image_ids, views) -> list[tuple[int, str]]:
+    """Sorted plan of every (image_id, view_key); `views` is a list of keys or a callable
+    image_id -> list of keys (per-image view subsets)."""
+    plan = set()
+    for image_id in image_ids:
+        keys = views(image_id) if callable(views) else views
+        plan.update((int(image_id), str(k)) for k in keys)
+    return sorted(plan)
