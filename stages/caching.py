@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from stores.base import EncodedRecord
 from stores.wds_store import WdsCacheReader, WdsCacheWriter
 from stores.zarr_store import ZarrCacheReader, ZarrCacheWriter
 from tqdm import tqdm
@@ -35,8 +34,9 @@ from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.build import build_head, load_detector
-from stages.student_data import image_hw, padded_size
+from stages.student_data import image_hw, view_padded_size
 from stages.training import resolve_device
+from stores.base import EncodedRecord
 from stores.codecs import effective_chain, pack, parse_chain
 from stores.manifest import SCHEMA_VERSION, Manifest, check_compatible, sha256_file
 
@@ -238,15 +238,12 @@ def _worker_device(spec: str) -> torch.device:
 
 
 def block_batches(keys, views: dict[str, View], dataset: CocoDataset, batch_size: int) -> list[list[int]]:
-    """Indices into ViewDataset(mode='all') for one block, grouped into batches of one padded size."""
-    order = list(views)
-    image_index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    """Positions in the block's key list, grouped into batches of one padded input size."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for image_id, key in keys:
-        if image_id not in image_index:
+    for pos, (image_id, key) in enumerate(keys):
+        if image_id not in dataset.coco.imgs:
             raise ValueError(f"cache plan has image {image_id}, which is not in {dataset.ann_file}: dataset changed?")
-        size = padded_size(views[key], *image_hw(dataset, image_id))
-        groups.setdefault(size, []).append(image_index[image_id] * len(order) + order.index(key))
+        groups.setdefault(view_padded_size(views[key], *image_hw(dataset, image_id)), []).append(pos)
     return [g[i : i + batch_size] for _, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
 
 
@@ -274,12 +271,11 @@ def cache_block(job: CacheJob, block: int) -> dict[str, Any]:
     fp = manifest.fingerprint
     targets = fp["targets"]
     views = {View.from_dict(v).key: View.from_dict(v) for v in fp["views"]}
-    view_list = list(views.values())
     keys = manifest.block_records(block)
     codecs = {f: parse_chain(c) for f, c in fp["codecs"].items()}
     batches = block_batches(keys, views, dataset, job.batch_size)
     loader = torch.utils.data.DataLoader(
-        ViewDataset(dataset, view_list, mode="all"),
+        ViewDataset.from_pairs(dataset, [(image_id, views[key]) for image_id, key in keys]),
         batch_sampler=batches,
         collate_fn=collate,
         num_workers=job.loader_workers,

@@ -26,7 +26,7 @@ from stages.detector_training import to_device
 from stages.detectors.build import build_detector, checkpoint_dict, load_detector
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.student_data import CachedViewDataset, check_padding, padded_size, wds_batches
+from stages.student_data import CachedViewDataset, check_padding, image_hw, view_padded_size, wds_batches
 from stages.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
 
@@ -180,8 +180,7 @@ def _batch_source(params, distill, coco, views, reader, cfg):
         from stages.data.batching import ViewDataset
 
         dataset = ViewDataset(coco, views, mode="all")
-        sizes = [padded_size(v, *(int(coco.coco.imgs[i]["height"]), int(coco.coco.imgs[i]["width"])))
-                 for i in coco.image_ids for v in views]
+        sizes = [view_padded_size(v, *image_hw(coco, i)) for i in coco.image_ids for v in views]
         views_of, bucket_of = None, sizes.__getitem__
 
     def make(start: int):

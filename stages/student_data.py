@@ -10,22 +10,20 @@ Two sources over the same records:
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 
 import torch
 import webdataset as wds
 
-from stages.data.batching import SIZE_DIVISOR, ViewDataset, collate, image_to_tensor
+from stages.data.batching import ViewDataset, collate, padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 
 
-def padded_size(view: View, h: int, w: int) -> tuple[int, int]:
+def view_padded_size(view: View, h: int, w: int) -> tuple[int, int]:
     """The padded input size of an (h, w) image under `view`: its own size rounded up to the largest stride."""
-    oh, ow = view.output_size(h, w)
-    return math.ceil(oh / SIZE_DIVISOR) * SIZE_DIVISOR, math.ceil(ow / SIZE_DIVISOR) * SIZE_DIVISOR
+    return padded_size(*view.output_size(h, w))
 
 
 def image_hw(dataset: CocoDataset, image_id: int) -> tuple[int, int]:
@@ -59,7 +57,7 @@ class CachedViewDataset(torch.utils.data.Dataset):
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         image, v = divmod(index, len(self.views))
-        return padded_size(self.views[v], *image_hw(self.coco, self.coco.image_ids[image]))
+        return view_padded_size(self.views[v], *image_hw(self.coco, self.coco.image_ids[image]))
 
     def __getitem__(self, index: int) -> dict:
         item = self.images[index]
@@ -137,19 +135,7 @@ def _add(pending, sample, decode_sample, dataset, by_key, batch_size):
         return None
     items = []
     for meta, arrays, view in group:
-        s = dataset.load(meta["image_id"])
-        image, boxes = view.apply(s.image, s.boxes)
-        items.append(
-            {
-                "image": image_to_tensor(image),
-                "boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
-                "labels": torch.from_numpy(s.labels).long(),
-                "image_id": meta["image_id"],
-                "view": meta["view"],
-                "orig_size": s.image.shape[:2],
-                "teacher": arrays,
-                "teacher_meta": meta,
-            }
-        )
+        item = ViewDataset.from_pairs(dataset, [(meta["image_id"], view)])[0]
+        items.append(item | {"teacher": arrays, "teacher_meta": meta})
     group.clear()
     return collate(items)

@@ -164,6 +164,15 @@ class CsvLog:
             w.writerow(row)
 
 
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """DDP's gradient all-reduce, done by hand so the loop needs no model wrapper (torchrun)."""
+    for p in params:
+        if p.grad is None:  # every rank must join every all-reduce
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train_loop(
     *,
     modules: dict[str, nn.Module],
@@ -202,6 +211,8 @@ def train_loop(
     for m in modules.values():
         m.train()
     use_amp = cfg.amp and device.type == "cuda"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     batches = make_batches(start)
     last: dict[str, float] = {}
 
@@ -210,7 +221,7 @@ def train_loop(
         state.update(checkpoint_meta, optimizer=optimizer.state_dict(), step=step)
         save_checkpoint(ckpt_path, state)
 
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not (progress and is_main), initial=start, total=cfg.steps)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -226,6 +237,8 @@ def train_loop(
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if world > 1:
+            _average_gradients(params, world)
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
@@ -234,8 +247,9 @@ def train_loop(
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             last = {"step": step + 1, "lr": lr, "loss": float(total)}
             last.update({k: float(v) for k, v in losses.items()})
-            log.write(last)
+            if is_main:
+                log.write(last)
             bar.set_postfix(loss=f"{float(total):.3f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+        if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             checkpoint(step + 1)
     return last

@@ -154,7 +154,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     # low-frequency colour noise
     gh, gw = int(rng.integers(3, 8)), int(rng.integers(3, 8))
     for c in range(3):
-        small = Image.fromarray(rng.normal(0, 22, (gh, gw)).astype(np.float32), mode="F")
+        small = Image.fromarray(rng.normal(0, 22, (gh, gw)).astype(np.float32))
         img[..., c] += np.asarray(small.resize((w, h), Image.BILINEAR))
     # faint full-image texture (stripes or grain)
     if rng.random() < 0.5:
@@ -162,7 +162,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         per = rng.uniform(4, 16)
         img += (rng.uniform(4, 14) * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / per))[..., None]
     else:
-        grain = Image.fromarray(rng.normal(0, 1, (h // 3 + 1, w // 3 + 1)).astype(np.float32), mode="F")
+        grain = Image.fromarray(rng.normal(0, 1, (h // 3 + 1, w // 3 + 1)).astype(np.float32))
         img += (rng.uniform(4, 12) * np.asarray(grain.resize((w, h), Image.BILINEAR)))[..., None]
     return img
 
@@ -398,7 +398,7 @@ def _split_dataset(split: str, n: int, out_dir: Path, seed: int, min_side: int, 
         image_id = k + 1
         file_name = f"{image_id:06d}.png"
         tmp = img_dir / f".{file_name}.tmp"
-        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+        Image.fromarray(pixels).save(tmp, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
         os.replace(tmp, img_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for obj in objects:

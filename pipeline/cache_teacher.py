@@ -1,0 +1,42 @@
+"""Stage 1: run the teacher once over the training set and cache its targets.
+
+Reads `teacher.checkpoint`, `data.train_*` and the `cache` section (views, targets, codecs,
+format, block size, workers). Writes `cache.path` (manifest.json + Zarr and/or WebDataset
+shards). Safe to rerun: finished blocks are kept, only missing ones are computed, and a
+complete cache is left untouched. A cache built from other params is refused (the message
+names the differing field); pass --overwrite to rebuild it.
+
+Parallelism: in-process with cache.n_workers 1; a local dask cluster with n_workers > 1 (one
+worker per GPU on GPU machines); --scheduler tcp://HOST:8786 uses an existing dask cluster.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.params import make_parser, params_from_args
+from stages.caching import run_cache
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("cache_teacher", __doc__)
+    parser.add_argument("--scheduler", default="", help="address of an existing dask scheduler (default: cache.scheduler)")
+    parser.add_argument("--workers", type=int, default=None, help="local dask workers (default: cache.n_workers)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing cache at cache.path first")
+    parser.add_argument("--stats", help="write per-block timing/size stats as JSON here")
+    args = parser.parse_args(argv)
+    params = params_from_args(args)
+    try:
+        summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(summary, f, indent=2)
+    done = summary["computed_blocks"]
+    print(f"cache {summary['root']}: {summary['records']} records in {summary['blocks']} blocks "
+          f"({done} computed now, {summary['blocks'] - done} already complete) in {summary['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

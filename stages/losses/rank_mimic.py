@@ -1,0 +1,99 @@
+"""Rank Mimicking and Prediction-guided Feature Imitation (Li et al., "Knowledge Distillation for
+Object Detection via Rank Mimicking and Prediction-guided Feature Imitation", AAAI 2022).
+
+RM (paper weight 4): per GT, the teacher's assigner picked candidate anchors M and scored them at
+the GT's class (`teacher.candidates[b][g] = (index [M] into the flattened anchors, scores [M])`).
+The student scores the SAME anchors at the same class (sigmoid of its logits); the loss is
+KL(softmax(teacher scores) || softmax(student scores)) over the candidates, anchor by anchor (no
+sorting: the point is to keep the teacher's ranking of each anchor), mean over the batch's GTs
+with at least 2 candidates on valid cells (candidates on padded cells are dropped). The indices
+address `flatten_levels` order, so student and teacher need the same anchors per location.
+
+PFI (paper weight 1.5): per level and valid cell, the weight P = mean over the A*K class channels of
+(student prob - teacher prob)^2 (detached: a guide, not a target; per-location max over anchors when
+A differs) scales the feature imitation F = mean over channels of (adapter(student FPN) - teacher
+FPN)^2; the loss is mean over valid cells of P * F, averaged over levels. It needs dense predictions
+on both sides: for Faster R-CNN the registry refuses it (uniform weights would just be `mse`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stages.detectors.contract import DetectorOutput, flatten_levels
+from stages.losses.common import check_levels, make_adapter, masked_mean, match_class_maps, valid_masks
+from stages.teacher_targets import TeacherTargets
+
+
+def rank_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) between two score vectors [M] (same anchor order)."""
+    return F.kl_div(F.log_softmax(student_scores, dim=0), F.softmax(teacher_scores.detach(), dim=0),
+                    reduction="sum")
+
+
+class RankMimicLoss(nn.Module):
+    name = "rm"
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def needs(self) -> set[str]:
+        return {"candidates"}
+
+    def forward(self, student: DetectorOutput, teacher: TeacherTargets, targets: list[dict]) -> dict[str, Tensor]:
+        k = self.num_classes
+        logits = flatten_levels([m.float() for m in student.cls_logits], k)  # [B, N, K]
+        num_anchors = student.cls_logits[0].shape[1] // k
+        valid = valid_masks(student.image_sizes, [m.shape[-2:] for m in student.cls_logits], student.strides,
+                            logits.device)
+        anchor_valid = flatten_levels([v.expand(-1, num_anchors, -1, -1) for v in valid], 1)[..., 0] > 0
+        if len(teacher.candidates) != logits.shape[0]:
+            raise ValueError(f"rm: candidates for {len(teacher.candidates)} images, batch has {logits.shape[0]}")
+        terms = []
+        for b, per_gt in enumerate(teacher.candidates):
+            labels = targets[b]["labels"]
+            if len(per_gt) != len(labels):
+                raise ValueError(f"rm: image {b} has candidates for {len(per_gt)} GTs but {len(labels)} GT boxes")
+            for (index, t_scores), label in zip(per_gt, labels.tolist()):
+                index = index.to(logits.device).long()
+                if index.numel() and int(index.max()) >= logits.shape[1]:
+                    raise ValueError(
+                        f"rm: candidate index {int(index.max())} outside the student's {logits.shape[1]} "
+                        "anchors: student and teacher need the same anchors per location and levels"
+                    )
+                keep = anchor_valid[b, index]
+                if int(keep.sum()) < 2:
+                    continue
+                s_scores = logits[b, index[keep], label].sigmoid()
+                terms.append(rank_kl(t_scores.to(logits.device).float()[keep], s_scores))
+        if not terms:
+            return {"rank": logits.sum() * 0.0}
+        return {"rank": torch.stack(terms).mean()}
+
+
+class PFILoss(nn.Module):
+    name = "pfi"
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_classes: int):
+        super().__init__()
+        self.adapter = make_adapter(student_channels, teacher_channels)
+        self.num_classes = num_classes
+
+    def needs(self) -> set[str]:
+        return {"fpn", "cls"}
+
+    def forward(self, student: DetectorOutput, teacher: TeacherTargets, targets: list[dict]) -> dict[str, Tensor]:
+        check_levels(self.name, student.fpn, teacher.fpn)
+        check_levels(self.name, student.cls_logits, teacher.cls_probs)
+        valid = valid_masks(student.image_sizes, [f.shape[-2:] for f in student.fpn], student.strides,
+                            student.fpn[0].device)
+        levels = []
+        for s, t, logits, probs, v in zip(student.fpn, teacher.fpn, student.cls_logits, teacher.cls_probs, valid):
+            sp, tp = match_class_maps(logits.float().sigmoid(), probs.float(), self.num_classes)
+            p_diff = ((sp - tp) ** 2).mean(dim=1, keepdim=True).detach()
+            f_diff = ((self.adapter(s.float()) - t.float().detach()) ** 2).mean(dim=1, keepdim=True)
+            levels.append(masked_mean(p_diff * f_diff, v))
+        return {"fpn": torch.stack(levels).mean()}
