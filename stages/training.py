@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,7 @@ def train_loop(
         save_checkpoint(ckpt_path, state)
 
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not (progress and is_main), initial=start, total=cfg.steps)
+    window_start, window_steps = time.perf_counter(), 0
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -244,8 +246,11 @@ def train_loop(
         optimizer.step()
         if after_step is not None:
             after_step(step)
+        window_steps += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            last = {"step": step + 1, "lr": lr, "loss": float(total)}
+            sec = (time.perf_counter() - window_start) / window_steps
+            window_start, window_steps = time.perf_counter(), 0
+            last = {"step": step + 1, "lr": lr, "sec_per_step": round(sec, 4), "loss": float(total)}
             last.update({k: float(v) for k, v in losses.items()})
             if is_main:
                 log.write(last)

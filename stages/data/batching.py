@@ -25,6 +25,8 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image_to_tensor expects an [H, W, 3] uint8 array, got {image.shape} {image.dtype}")
+    if not image.flags.writeable:
+        image = image.copy()  # torch.from_numpy warns on read-only arrays
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 

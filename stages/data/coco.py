@@ -85,7 +85,7 @@ def decode_image(path: str | Path) -> np.ndarray:
 def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)
     elif mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im).astype(np.float64)
         if mode.startswith("I;16") or (a.size and a.max() > 255):
@@ -96,7 +96,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         # L, 1, P (with or without transparency), RGBA, LA, CMYK, YCbCr, ...: alpha is dropped
         if mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        arr = np.array(im.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(arr)
 
 

@@ -94,12 +94,12 @@ class View:
         h, w = image.shape[:2]
         nh, nw = self.output_size(h, w)
         if (nh, nw) != (h, w):
-            out = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+            out = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
         else:
             out = image
         if self.flip:
             out = out[:, ::-1]
-        out = np.ascontiguousarray(out)
+        out = np.ascontiguousarray(out) if out is not image else out.copy()
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         return out, self._forward_boxes(boxes, h, w).astype(np.float32, copy=False)
 

@@ -1,0 +1,58 @@
+"""RetinaNet (Lin et al. 2017) from torchvision's pieces, driven on our padded batch.
+
+Head, anchors (3 scales x 3 ratios, 32..512 px on P3..P7, A = 9), IoU matcher (fg 0.5, bg 0.4,
+plus each GT's best anchors), focal + L1 losses and post-processing are torchvision's; the
+state_dict is key-for-key that of `torchvision.models.detection.retinanet_resnet50_fpn`
+(with fpn_channels 256, head_convs 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNet as TVRetinaNet
+from torchvision.ops import boxes as box_ops
+
+from stages.config import ModelParams
+from stages.detectors.base import DenseDetector
+from stages.detectors.box_coding import RETINANET_CODER
+from stages.detectors.contract import DetectorOutput
+from stages.detectors.heads import RetinaNetDenseHead
+
+
+def retinanet_anchors() -> AnchorGenerator:
+    """torchvision's RetinaNet anchors: sizes 32..512 (3 octave scales each) x ratios 0.5, 1, 2."""
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+class RetinaNetDetector(DenseDetector):
+    arch = "retinanet"
+
+    def __init__(self, cfg: ModelParams, num_classes: int):
+        super().__init__(cfg, num_classes, cfg.head_convs, reuse_index=3)
+        self.anchor_generator = retinanet_anchors()
+        self.num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+        self.box_dim, self.reg_max = 4, 0
+        self.head = build_retinanet_head(cfg, num_classes)
+        self.proposal_matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+        self.box_coder = RETINANET_CODER
+
+    def match(self, anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor) -> Tensor:
+        if gt_boxes.numel() == 0:
+            return anchors.new_full((len(anchors),), -1, dtype=torch.int64)
+        return self.proposal_matcher(box_ops.box_iou(gt_boxes, anchors))
+
+    def compute_losses(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        anchors, matched = self.matches(out, targets)
+        losses = self.head.compute_loss(targets, self.head_outputs(out), [anchors] * len(targets), matched)
+        return {"cls": losses["classification"], "box": losses["bbox_regression"]}
+
+    def tv_postprocess(self, head_outputs, anchors, image_sizes):
+        return TVRetinaNet.postprocess_detections(self, head_outputs, anchors, image_sizes)
+
+
+def build_retinanet_head(cfg: ModelParams, num_classes: int) -> RetinaNetDenseHead:
+    return RetinaNetDenseHead(cfg.fpn_channels, retinanet_anchors().num_anchors_per_location()[0], num_classes, cfg.head_convs)

@@ -1,0 +1,154 @@
+"""report.md + PNG plots from a finished DAG: AP table, training curves, cache size and fidelity."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_log(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def _mean_step_time(rows: list[dict[str, float]]) -> float:
+    times = [r["sec_per_step"] for r in rows[1:] if "sec_per_step" in r]  # first window holds warm-up
+    return sum(times) / len(times) if times else float("nan")
+
+
+def build_report(
+    teacher_metrics: Path, students_dir: Path, experiments: dict, cache_report: Path, out_md: Path, plots_dir: Path
+) -> str:
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    teacher = _read_json(teacher_metrics)
+    rows, logs = [], {}
+    for name, spec in experiments.items():
+        metrics = _read_json(students_dir / name / "metrics.json")
+        logs[name] = _read_log(students_dir / name / "train_log.csv")
+        losses = spec.get("losses") or {}
+        rows.append((name, spec.get("teacher", "offline"), losses, metrics, _mean_step_time(logs[name])))
+    baseline = next((m for n, _, losses, m, _ in rows if not losses and m), {})
+
+    lines = ["# kdcache demo report", ""]
+    lines += ["## Detection AP on the synthetic val set (pycocotools, percent)", ""]
+    lines += ["| model | teacher | KD losses | " + " | ".join(AP_KEYS) + " | ΔAP vs baseline | s/step |",
+              "|---|---|---|" + "---|" * len(AP_KEYS) + "---|---|"]
+    if teacher:
+        lines.append("| **teacher** | – | – | " + " | ".join(f"{teacher[k]:.2f}" for k in AP_KEYS) + " | | |")
+    for name, mode, losses, m, step in rows:
+        if not m:
+            lines.append(f"| {name} | {mode} | (not run) |" + " |" * (len(AP_KEYS) + 2))
+            continue
+        delta = f"{m['AP'] - baseline['AP']:+.2f}" if baseline and losses else ""
+        loss_text = ", ".join(f"{k} {v:g}" for k, v in losses.items()) or "none (baseline)"
+        lines.append(f"| {name} | {mode} | {loss_text} | " + " | ".join(f"{m[k]:.2f}" for k in AP_KEYS)
+                     + f" | {delta} | {step:.3f} |")
+    lines.append("")
+    pairs = _online_offline_pairs(rows)
+    if pairs:
+        lines += ["## Online vs offline (same losses)", ""]
+        for off, on in pairs:
+            lines.append(f"- {off[0]} (cached teacher) AP {off[3]['AP']:.2f}, {off[4]:.3f} s/step; "
+                         f"{on[0]} (live teacher) AP {on[3]['AP']:.2f}, {on[4]:.3f} s/step; "
+                         f"online/offline step time = {on[4] / off[4]:.2f}x")
+        lines.append("")
+
+    _plot_ap(rows, teacher, plots_dir / "ap.png")
+    _plot_curves(logs, plots_dir / "training_curves.png")
+    lines += ["![AP per student](report/ap.png)", "", "![training curves](report/training_curves.png)", ""]
+
+    cache = _read_json(cache_report)
+    if cache:
+        lines += _cache_section(cache, plots_dir / "cache_bytes.png")
+    text = "\n".join(lines) + "\n"
+    out_md.write_text(text)
+    return text
+
+
+def _online_offline_pairs(rows):
+    pairs = []
+    for on in rows:
+        if on[1] != "online" or not on[3]:
+            continue
+        for off in rows:
+            if off[1] == "offline" and off[2] == on[2] and off[3]:
+                pairs.append((off, on))
+                break
+    return pairs
+
+
+def _cache_section(cache: dict, png: Path) -> list[str]:
+    summary = cache.get("summary", {})
+    lines = ["## Teacher cache", ""]
+    per_target = summary.get("bytes_per_image_per_target", {})
+    if per_target:
+        lines += ["| target | codec | bytes / image | float32 bytes / image | ratio |", "|---|---|---|---|---|"]
+        raw = summary.get("raw_bytes_per_image_per_target", {})
+        codecs = summary.get("codecs", {})
+        for target, nbytes in sorted(per_target.items()):
+            r = raw.get(target, 0)
+            ratio = f"{r / nbytes:.1f}x" if nbytes else ""
+            lines.append(f"| {target} | {codecs.get(target, 'raw+zstd')} | {nbytes:,.0f} | {r:,.0f} | {ratio} |")
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(6, 3))
+        names = sorted(per_target)
+        ax.bar(names, [per_target[n] / 1024 for n in names])
+        ax.set_ylabel("KiB / image")
+        ax.set_title("cache size per target")
+        fig.tight_layout()
+        fig.savefig(png, dpi=80)
+        plt.close(fig)
+        lines += [f"![cache bytes](report/{png.name})", ""]
+    for key in ("records", "compression_ratio", "total_bytes"):
+        if key in summary:
+            lines.append(f"- {key.replace('_', ' ')}: {summary[key]}")
+    fidelity = cache.get("fidelity", {})
+    if fidelity:
+        lines += ["", "Fidelity against the live teacher (inspect_cache --fidelity):", "",
+                  "| target | cosine | max abs error | relative KD-loss error |", "|---|---|---|---|"]
+        for target, f in fidelity.items():
+            lines.append(f"| {target} | {f['cosine']:.5f} | {f['max_abs_error']:.4g} | {f['rel_kd_loss_error']:.2e} |")
+    lines.append("")
+    return lines
+
+
+def _plot_ap(rows, teacher, png: Path) -> None:
+    names = [r[0] for r in rows if r[3]]
+    aps = [r[3]["AP"] for r in rows if r[3]]
+    if teacher:
+        names, aps = ["teacher", *names], [teacher["AP"], *aps]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names)), 3.5))
+    ax.bar(names, aps, color=["tab:gray" if n in ("teacher", "baseline") else "tab:blue" for n in names])
+    ax.set_ylabel("val AP (%)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+def _plot_curves(logs: dict[str, list[dict[str, float]]], png: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, rows in logs.items():
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("total loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
