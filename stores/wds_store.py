@@ -1,0 +1,318 @@
+"""WebDataset store: one tar shard per block, for streaming reads (webdataset pipelines).
+
+Layout under ``<root>/wds``::
+
+    shard-000012.tar     block 12; written as shard-000012.tar.tmp-<pid>, then os.replace'd:
+                         the rename is the done marker
+    shard-000012.json    sidecar, written (atomically) BEFORE the rename: sha256 and size of every
+                         blob, tar size, member offsets (random access without scanning the tar)
+
+Members of a record (WebDataset sample key ``f"{image_id:012d}_{view}"``, no dots in it)::
+
+    000000000042_s160m256f0.meta.json          the record meta (canonical JSON)
+    000000000042_s160m256f0.fpn.0.msgpack      one codecs blob per target: the same bytes as Zarr
+    ...
+
+So ``webdataset.WebDataset(reader.shard_paths())`` yields samples whose keys are "meta.json" and
+"<target>.msgpack"; turn one into a record with `sample_to_record` (it accepts raw bytes or
+webdataset-decoded values). Tars are written with Python's tarfile, with fixed member metadata
+(mtime 0, uid/gid 0, mode 0644): the same block gives byte-identical shards. No pickle anywhere.
+
+`iter_records` streams shards in order; `get` seeks to the members via the sidecar offsets (or an
+index built by scanning the tar headers when a sidecar is missing). A truncated or corrupt shard
+raises StoreReadError naming the shard file and the fix: delete it and rerun cache_teacher,
+which rewrites that block only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from stores.base import (
+    REBUILD,
+    CacheReader,
+    CacheWriter,
+    DecodedRecord,
+    EncodedRecord,
+    StoreReadError,
+    decode_record,
+    meta_bytes,
+    record_key,
+    remove_path,
+    select_names,
+)
+from stores.codecs import BlobDecodeError
+from stores.manifest import atomic_write_bytes
+
+SUBDIR = "wds"
+META_MEMBER = "meta.json"
+BLOB_SUFFIX = ".msgpack"
+
+
+def shard_path(store: Path, block: int) -> Path:
+    return store / f"shard-{block:06d}.tar"
+
+
+def sidecar_path(store: Path, block: int) -> Path:
+    return store / f"shard-{block:06d}.json"
+
+
+def _block_of(path: Path) -> int | None:
+    stem = path.name.split(".", 1)[0]
+    try:
+        return int(stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def parse_key(key: str) -> tuple[int, str]:
+    image, _, view = key.partition("_")
+    return int(image), view
+
+
+def sample_to_record(sample: dict) -> EncodedRecord:
+    """A webdataset sample dict ({"__key__", "meta.json", "<target>.msgpack", ...}) -> EncodedRecord.
+
+    Values may be raw bytes (no ``.decode()`` in the pipeline; recommended) or already decoded by
+    webdataset's default handlers (dict); `stores.codecs.decode` accepts both forms.
+    """
+    image_id, view = parse_key(sample["__key__"].rsplit("/", 1)[-1])
+    meta = sample[META_MEMBER]
+    if isinstance(meta, bytes | bytearray):
+        meta = json.loads(meta)
+    blobs = {k[: -len(BLOB_SUFFIX)]: v for k, v in sample.items() if k.endswith(BLOB_SUFFIX)}
+    return EncodedRecord(image_id, view, dict(meta), blobs)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class WdsCacheWriter(CacheWriter):
+    format = SUBDIR
+
+    def _open_store(self) -> None:
+        self.store = self.root / SUBDIR
+        self.store.mkdir(parents=True, exist_ok=True)
+
+    def completed_blocks(self) -> set[int]:
+        out = set()
+        for p in self.store.glob("shard-*.tar"):
+            b = _block_of(p)
+            if b is not None:
+                out.add(b)
+        return out
+
+    def _tmp_path(self, block: int) -> Path:
+        return self.store / f"shard-{block:06d}.tar.tmp-{os.getpid()}"
+
+    def _write_block(self, block: int, records: list[EncodedRecord], digests: dict) -> None:
+        tmp = self._tmp_path(block)
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rec in records:
+                key = record_key(rec.image_id, rec.view)
+                data = meta_bytes(rec.meta)
+                tar.addfile(_tarinfo(f"{key}.{META_MEMBER}", len(data)), io.BytesIO(data))
+                for name in sorted(rec.blobs):
+                    blob = rec.blobs[name]
+                    tar.addfile(_tarinfo(f"{key}.{name}{BLOB_SUFFIX}", len(blob)), io.BytesIO(blob))
+        members = {}
+        with tarfile.open(tmp, mode="r:") as tar:
+            for m in tar.getmembers():
+                members[m.name] = [m.offset_data, m.size]
+        sidecar = {**digests, "tar_bytes": tmp.stat().st_size, "members": members}
+        atomic_write_bytes(sidecar_path(self.store, block), json.dumps(sidecar, sort_keys=True).encode())
+        os.replace(tmp, shard_path(self.store, block))  # the rename is the done marker
+
+    def _discard_block(self, block: int) -> None:
+        try:
+            remove_path(self._tmp_path(block))
+        except OSError:
+            pass
+
+
+class WdsCacheReader(CacheReader):
+    format = SUBDIR
+
+    def __init__(self, path: str | Path, verify_checksums: bool = True):
+        self.store = Path(path) / SUBDIR
+        self.verify_checksums = verify_checksums
+        self._sidecars: dict[int, dict] = {}
+        super().__init__(path)
+        if not self.store.exists():
+            raise StoreReadError(f"cache {self.root} has no webdataset store ({self.store}): build it with {REBUILD}")
+
+    def _scan_completed(self) -> set[int]:
+        if not self.store.exists():
+            return set()
+        return {b for p in self.store.glob("shard-*.tar") if (b := _block_of(p)) is not None}
+
+    def shard_paths(self) -> list[str]:
+        """Paths of the completed shards in block order (for webdataset.WebDataset)."""
+        return [str(shard_path(self.store, b)) for b in sorted(self._completed)]
+
+    def _fix(self, path: Path) -> str:
+        return f"delete it and rerun {REBUILD} to rewrite this block"
+
+    def sidecar(self, block: int) -> dict | None:
+        """The block's sidecar (None if missing or unreadable)."""
+        if block not in self._sidecars:
+            try:
+                self._sidecars[block] = json.loads(sidecar_path(self.store, block).read_text())
+            except (OSError, ValueError):
+                return None
+        return self._sidecars[block]
+
+    def _check_size(self, block: int) -> None:
+        path = shard_path(self.store, block)
+        side = self.sidecar(block)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreReadError(f"shard {path} is missing; rerun {REBUILD} to rewrite this block") from None
+        if side is not None and size != side.get("tar_bytes"):
+            raise StoreReadError(
+                f"shard {path} is truncated or damaged ({size} bytes, {side.get('tar_bytes')} written); "
+                f"{self._fix(path)}"
+            )
+
+    def _members(self, block: int) -> dict[str, list[int]]:
+        side = self.sidecar(block)
+        if side is not None and "members" in side:
+            return side["members"]
+        path = shard_path(self.store, block)  # no sidecar: scan the tar headers
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                members = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise StoreReadError(f"shard {path} is unreadable ({err}); {self._fix(path)}") from None
+        self._sidecars[block] = {"members": members}
+        return members
+
+    def get_encoded(self, image_id: int, view: str, targets: Iterable[str] | None = None) -> EncodedRecord:
+        r, b = self.locate(image_id, view)
+        self._check_size(b)
+        path = shard_path(self.store, b)
+        key = record_key(image_id, view)
+        members = self._members(b)
+        prefix = f"{key}."
+        mine = {n[len(prefix) :]: off for n, off in members.items() if n.startswith(prefix)}
+        if META_MEMBER not in mine:
+            raise StoreReadError(f"shard {path} has no record {key}; {self._fix(path)}")
+        names = [n[: -len(BLOB_SUFFIX)] for n in mine if n.endswith(BLOB_SUFFIX)]
+        names = select_names(names, targets)
+        digests = self._record_digests(b, image_id, view) if self.verify_checksums else None
+        blobs = {}
+        try:
+            with open(path, "rb") as f:
+                f.seek(mine[META_MEMBER][0])
+                meta_raw = f.read(mine[META_MEMBER][1])
+                for name in names:
+                    off, size = mine[name + BLOB_SUFFIX]
+                    f.seek(off)
+                    blobs[name] = f.read(size)
+                    if len(blobs[name]) != size:
+                        raise StoreReadError(f"shard {path} is truncated at member {key}.{name}; {self._fix(path)}")
+        except OSError as err:
+            raise StoreReadError(f"cannot read shard {path} ({err}); {self._fix(path)}") from None
+        if digests is not None:
+            sha = digests.get("sha256", {})
+            for name, blob in blobs.items():
+                if name in sha and hashlib.sha256(blob).hexdigest() != sha[name]:
+                    raise StoreReadError(
+                        f"shard {path}: target {name} of image {image_id} view {view} fails its checksum "
+                        f"(the shard is damaged); {self._fix(path)}"
+                    )
+        try:
+            meta = json.loads(meta_raw)
+        except ValueError:
+            raise StoreReadError(f"shard {path}: meta of {key} is not JSON (damaged); {self._fix(path)}") from None
+        return EncodedRecord(int(image_id), str(view), meta, blobs)
+
+    def _record_digests(self, block: int, image_id: int, view: str) -> dict | None:
+        side = self.sidecar(block)
+        if side is None or "records" not in side:
+            return None
+        for rec in side["records"]:
+            if rec["image_id"] == int(image_id) and rec["view"] == str(view):
+                return rec
+        return None
+
+    def describe_location(self, image_id: int, view: str) -> str:
+        r, b = self.locate(image_id, view)
+        return f"shard {shard_path(self.store, b)}"
+
+    def fix_hint(self, image_id: int, view: str) -> str:
+        return f"delete that shard and rerun {REBUILD} to rewrite this block"
+
+    def iter_encoded(self, shards: Iterable[str | Path] | None = None) -> Iterator[EncodedRecord]:
+        """Stream the records of `shards` (default: every completed shard, in block order)."""
+        paths = [Path(p) for p in shards] if shards is not None else [Path(p) for p in self.shard_paths()]
+        for path in paths:
+            yield from self._iter_shard(path)
+
+    def iter_records(
+        self, shards: Iterable[str | Path] | None = None, targets: Iterable[str] | None = None
+    ) -> Iterator[DecodedRecord]:
+        """Stream decoded records of `shards` (default: every completed shard, in block order)."""
+        for rec in self.iter_encoded(shards):
+            try:
+                yield decode_record(rec, targets)
+            except BlobDecodeError as err:
+                raise StoreReadError(
+                    f"image {rec.image_id} view {rec.view}: a blob does not decode ({err}); the shard holding "
+                    f"it is damaged: delete it and rerun {REBUILD} to rewrite this block"
+                ) from None
+
+    def _iter_shard(self, path: Path) -> Iterator[EncodedRecord]:
+        block = _block_of(path)
+        side = self.sidecar(block) if block is not None else None
+        if block is not None and path.parent == self.store:
+            self._check_size(block)
+        expected = len(side["records"]) if side and "records" in side else None
+        count = 0
+        current: dict | None = None
+        try:
+            with tarfile.open(path, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, suffix = member.name.partition(".")
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise EOFError(f"member {member.name} is cut short")
+                    if current is None or current["__key__"] != key:
+                        if current is not None:
+                            yield self._sample(current, path)
+                            count += 1
+                        current = {"__key__": key}
+                    current[suffix] = data
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise StoreReadError(f"shard {path} is truncated or corrupt ({err}); {self._fix(path)}") from None
+        if current is not None:
+            yield self._sample(current, path)
+            count += 1
+        if expected is not None and count != expected:
+            raise StoreReadError(
+                f"shard {path} holds {count} records, its sidecar lists {expected} (truncated); {self._fix(path)}"
+            )
+
+    def _sample(self, sample: dict, path: Path) -> EncodedRecord:
+        try:
+            return sample_to_record(sample)
+        except (KeyError, ValueError) as err:
+            raise StoreReadError(
+                f"shard {path}: record {sample.get('__key__')} is incomplete ({err}); {self._fix(path)}"
+            ) from None
