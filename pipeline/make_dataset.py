@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
         "data.val_images": (data.val_images, stats["val_images"]),
         "data.val_ann": (data.val_ann, stats["val_ann"]),
     }
-    off = [key for key, (configured, written) in expected.items() if Path(configured).resolve() != Path(written).resolve()]
+    off = [
+        key
+        for key, (configured, written) in expected.items()
+        if Path(configured).resolve() != Path(written).resolve()
+    ]
     if off:
         print(
             f"note: {', '.join(off)} do not point at this dataset; set them to use it "

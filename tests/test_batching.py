@@ -63,8 +63,12 @@ def test_view_dataset_all_mode(tiny_coco):
         _, boxes = view.apply(sample.image, sample.boxes)
         np.testing.assert_allclose(item["boxes"].numpy(), boxes)
         assert item["labels"].tolist() == sample.labels.tolist()
-    assert vd.pairs()[:4] == [(ds.image_ids[0], VIEWS[0].key), (ds.image_ids[0], VIEWS[1].key),
-                              (ds.image_ids[0], VIEWS[2].key), (ds.image_ids[1], VIEWS[0].key)]
+    assert vd.pairs()[:4] == [
+        (ds.image_ids[0], VIEWS[0].key),
+        (ds.image_ids[0], VIEWS[1].key),
+        (ds.image_ids[0], VIEWS[2].key),
+        (ds.image_ids[1], VIEWS[0].key),
+    ]
 
 
 def test_view_dataset_view_of_and_from_pairs(tiny_coco):

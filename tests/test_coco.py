@@ -73,7 +73,10 @@ def test_fingerprint_and_pickle(tmp_path):
     assert ds2.coco.getImgIds() == [1, 2]
     # a changed image file changes files_sha256
     Image.fromarray(np.zeros((50, 20, 3), np.uint8)).save(tmp_path / "images" / "b.png", compress_level=0)
-    assert CocoDataset(tmp_path / "images", tmp_path / "ann.json").fingerprint()["files_sha256"] != fp["files_sha256"]
+    assert (
+        CocoDataset(tmp_path / "images", tmp_path / "ann.json").fingerprint()["files_sha256"]
+        != fp["files_sha256"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,16 @@ def test_make_dataset_cli(tmp_path, capsys):
 
     params = tmp_path / "params.yaml"
     params.write_text(f"data:\n  synthetic:\n    out: {tmp_path / 'ds'}\n    num_train: 3\n    num_val: 2\n")
-    stats = main(["--params", str(params), "--set", "data.synthetic.min_side=96", "--set", "data.synthetic.max_side=100"])
+    stats = main(
+        [
+            "--params",
+            str(params),
+            "--set",
+            "data.synthetic.min_side=96",
+            "--set",
+            "data.synthetic.max_side=100",
+        ]
+    )
     assert stats["num_images"] == {"train": 3, "val": 2}
     assert len(CocoDataset(tmp_path / "ds/train", tmp_path / "ds/annotations/instances_train.json")) == 3
     assert "wrote 3 train / 2 val images" in capsys.readouterr().out

@@ -130,7 +130,9 @@ class CocoDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise self._err(f"not valid JSON ({err}); re-export the annotation file") from err
         if not isinstance(data, dict):
-            raise self._err(f"expected a JSON object at top level, got {type(data).__name__}; not a COCO file")
+            raise self._err(
+                f"expected a JSON object at top level, got {type(data).__name__}; not a COCO file"
+            )
         missing = [k for k in ("images", "annotations", "categories") if k not in data]
         if missing:
             raise self._err(

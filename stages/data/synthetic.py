@@ -64,7 +64,10 @@ def _convex_sd(u: np.ndarray, v: np.ndarray, verts: list[tuple[float, float]]) -
 
 
 def _regular(n: int, r: float, phase: float) -> list[tuple[float, float]]:
-    return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 _TRI = _regular(3, 1.0, -math.pi / 2)
@@ -127,7 +130,9 @@ def _texture(cls: int, pu: np.ndarray, pv: np.ndarray, radius: float, rng: np.ra
 
 # ---------------------------------------------------------------------------------------- colour
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0), 1), min(max(v, 0), 1)), dtype=np.float32) * 255
+    return (
+        np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0), 1), min(max(v, 0), 1)), dtype=np.float32) * 255
+    )
 
 
 def _object_colours(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +165,9 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         a = rng.uniform(0, math.pi)
         per = rng.uniform(4, 16)
-        img += (rng.uniform(4, 14) * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / per))[..., None]
+        img += (rng.uniform(4, 14) * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / per))[
+            ..., None
+        ]
     else:
         grain = Image.fromarray(rng.normal(0, 1, (h // 3 + 1, w // 3 + 1)).astype(np.float32))
         img += (rng.uniform(4, 12) * np.asarray(grain.resize((w, h), Image.BILINEAR)))[..., None]
@@ -172,7 +179,15 @@ class _Obj:
     __slots__ = ("cls", "cx", "cy", "radius", "theta", "ax", "ay")
 
     def __init__(self, cls, cx, cy, radius, theta, ax, ay):
-        self.cls, self.cx, self.cy, self.radius, self.theta, self.ax, self.ay = cls, cx, cy, radius, theta, ax, ay
+        self.cls, self.cx, self.cy, self.radius, self.theta, self.ax, self.ay = (
+            cls,
+            cx,
+            cy,
+            radius,
+            theta,
+            ax,
+            ay,
+        )
 
 
 def _frame(o: _Obj, h: int, w: int):
@@ -247,7 +262,9 @@ def _random_obj(cls: int, h: int, w: int, rng: np.random.Generator, small_bias: 
     return _Obj(cls, cx, cy, radius, rng.uniform(0, 2 * math.pi), ax, ay)
 
 
-def _draw_distractors(img: np.ndarray, rng: np.random.Generator, n_frag: int, n_blob: int, n_patch: int, n_line: int):
+def _draw_distractors(
+    img: np.ndarray, rng: np.random.Generator, n_frag: int, n_blob: int, n_patch: int, n_line: int
+):
     h, w = img.shape[:2]
     # texture patches: parallelograms with object-like textures, semi-transparent
     for _ in range(n_patch):
