@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 from abc import ABC, abstractmethod
@@ -128,12 +127,27 @@ def decode_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> D
     return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: decode(rec.blobs[n]) for n in names})
 
 
+# config-level target names (CacheParams.targets, KDLosses.needs()) -> record families
+TARGET_ALIASES = {"detections": "det", "candidates": "cand", "tower_stats": "tower"}
+
+
+def wanted_families(targets: Iterable[str]) -> set[str]:
+    """Families selected by `targets` (names like 'fpn.0', families like 'fpn', or aliases)."""
+    out = set()
+    for t in targets:
+        out.add(TARGET_ALIASES.get(t, target_family(t)))
+    return out
+
+
 def select_names(names: Iterable[str], targets: Iterable[str] | None) -> list[str]:
+    """The target names selected by `targets`: exact names ('fpn.0'), families ('fpn') or the
+    config-level aliases ('detections' -> det.*, 'candidates' -> cand.*, 'tower_stats' -> tower.*)."""
     names = list(names)
     if targets is None:
         return names
     wanted = set(targets)
-    return [n for n in names if n in wanted or target_family(n) in wanted]
+    families = {TARGET_ALIASES.get(t, t) for t in wanted}
+    return [n for n in names if n in wanted or target_family(n) in families]
 
 
 def blob_digests(rec: EncodedRecord) -> dict:
@@ -255,9 +269,12 @@ class CacheWriter(ABC):
     def __init__(self, path: str | Path, manifest: Manifest):
         self.root = Path(path)
         self.manifest = manifest
-        with root_lock(self.root):
-            ensure_manifest(self.root, manifest)
-            self._open_store()
+        try:
+            with root_lock(self.root):
+                ensure_manifest(self.root, manifest)
+                self._open_store()
+        except OSError as err:
+            raise StoreWriteError(_write_failure(f"the {self.format} store", self.root, err, None)) from err
 
     @abstractmethod
     def _open_store(self) -> None:
@@ -318,7 +335,7 @@ class CacheWriter(ABC):
         done = self.completed_blocks()
         return [b for b in range(self.manifest.num_blocks()) if b not in done]
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, nothing to flush by default)
         """Nothing to flush (every block is complete on return); for symmetry and `with`."""
 
     def __enter__(self):

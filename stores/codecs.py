@@ -178,7 +178,7 @@ def effective_chain(array: np.ndarray, chain: CodecChain | str) -> CodecChain:
 
 
 def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32, order="C")
     if keepbits >= 23:
         return x.copy()
     maskbits = 23 - keepbits
@@ -187,6 +187,12 @@ def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
     b += ((b >> maskbits) & np.int32(1)) + half_quantum1
     b &= np.int32(~((1 << maskbits) - 1))
     return b.view(np.float32)
+
+
+def _channels(x: np.ndarray) -> np.ndarray:
+    """[C, rest] view of x (axis 0 = channels; a 0-d array is one channel)."""
+    c = x.shape[0] if x.ndim else 1
+    return x.reshape(c, x.size // c if c else 0)
 
 
 def prepare(array: np.ndarray, chain: CodecChain | str) -> dict[str, np.ndarray]:
@@ -198,14 +204,14 @@ def prepare(array: np.ndarray, chain: CodecChain | str) -> dict[str, np.ndarray]
     chain = effective_chain(x, chain)
     t = chain.transform
     if t == "raw":
-        return {"data": np.ascontiguousarray(x)}
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
+        return {"data": np.asarray(x, order="C")}
+    x32 = np.asarray(x, dtype=np.float32, order="C")
     if t == "fp16":
         return {"data": x32.astype(np.float16)}
     if t == "bitround":
         return {"data": _bitround(x32, int(chain.param))}
     if t == "int8c":
-        flat = x32.reshape(1, -1) if x32.ndim == 0 else x32.reshape(x32.shape[0], -1)
+        flat = _channels(x32)
         amax = np.abs(flat).max(axis=1) if flat.size else np.zeros(flat.shape[0], np.float32)
         if not np.all(np.isfinite(amax)):
             bad = int(np.flatnonzero(~np.isfinite(amax))[0])
@@ -288,7 +294,7 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
             raise ValueError(f"pack({chain.spec}): part {name!r} has shape {tuple(p.shape)}, expected {want_shape}")
         if want_shape is None and p.ndim != 1:
             raise ValueError(f"pack({chain.spec}): part {name!r} must be 1-d, got shape {tuple(p.shape)}")
-        p = np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<"))
+        p = np.asarray(p, dtype=p.dtype.newbyteorder("<"), order="C")
         filt = "none"
         if chain.transform == "sparse" and name == "idx" and chain.lossless != "none":
             # ascending flat indices: their differences compress ~3x better (exact, mod 2**32)
@@ -386,7 +392,7 @@ def decode(blob: bytes | dict) -> np.ndarray:
             return parts["data"].astype(np.float32)
         if t == "int8c":
             q, scale = parts["q"], parts["scale"]
-            flat = q.reshape(1, -1) if q.ndim == 0 else q.reshape(q.shape[0], -1)
+            flat = _channels(q)
             return (flat.astype(np.float32) * scale.astype(np.float32)[:, None]).reshape(shape)
         if t == "sparse":
             n = int(np.prod(shape)) if shape else 1

@@ -48,7 +48,7 @@ from stores.base import (
     select_names,
 )
 from stores.codecs import BlobDecodeError
-from stores.manifest import atomic_write_bytes
+from stores.manifest import CacheMismatchError, atomic_write_bytes
 
 SUBDIR = "wds"
 META_MEMBER = "meta.json"
@@ -90,6 +90,36 @@ def sample_to_record(sample: dict) -> EncodedRecord:
     return EncodedRecord(image_id, view, dict(meta), blobs)
 
 
+def decode_sample(sample: dict, targets: Iterable[str] | None = None) -> DecodedRecord:
+    """A webdataset sample of a cache shard -> DecodedRecord (rec["meta"], rec["arrays"]).
+
+    For ``webdataset.WebDataset(reader.shard_paths())`` pipelines; raises StoreReadError naming
+    the sample (and its shard, when webdataset recorded it) if it is incomplete or corrupt.
+    """
+    where = sample.get("__url__", "a cache shard")
+    try:
+        return decode_record(sample_to_record(sample), targets)
+    except (KeyError, ValueError) as err:  # BlobDecodeError is a ValueError
+        raise StoreReadError(
+            f"sample {sample.get('__key__')} of {where} is incomplete or corrupt ({err}); delete that shard "
+            f"and rerun {REBUILD} to rewrite its block"
+        ) from None
+
+
+def _end_marker_ok(path: Path, members: list[tuple[int, int]]) -> bool:
+    """True if the two zero blocks that end a tar follow the last member's data: a tar cut short
+    anywhere before them (even exactly between two members, which tarfile itself accepts as a
+    clean end) fails this check."""
+    end = 0
+    if members:
+        off, size = max(members)
+        end = off + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    return tail == bytes(2 * tarfile.BLOCKSIZE)
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -106,6 +136,17 @@ class WdsCacheWriter(CacheWriter):
     def _open_store(self) -> None:
         self.store = self.root / SUBDIR
         self.store.mkdir(parents=True, exist_ok=True)
+        for side in sorted(self.store.glob("shard-*.json"))[:1]:
+            try:
+                digest = json.loads(side.read_text()).get("fingerprint_digest")
+            except (OSError, ValueError):
+                continue
+            if digest != self.manifest.fingerprint_digest():
+                raise CacheMismatchError(
+                    f"cache {self.root}: its shards were written for another manifest (fingerprint "
+                    f"{str(digest)[:12]}, you asked for {self.manifest.fingerprint_digest()[:12]}); "
+                    f"delete {self.store} and rerun {REBUILD}"
+                )
 
     def completed_blocks(self) -> set[int]:
         out = set()
@@ -196,8 +237,11 @@ class WdsCacheReader(CacheReader):
         try:
             with tarfile.open(path, mode="r:") as tar:
                 members = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
+            complete = _end_marker_ok(path, [tuple(v) for v in members.values()])
         except (tarfile.TarError, OSError, EOFError) as err:
             raise StoreReadError(f"shard {path} is unreadable ({err}); {self._fix(path)}") from None
+        if not complete:
+            raise StoreReadError(f"shard {path} is truncated (no end-of-archive marker); {self._fix(path)}")
         self._sidecars[block] = {"members": members}
         return members
 
@@ -284,35 +328,49 @@ class WdsCacheReader(CacheReader):
         expected = len(side["records"]) if side and "records" in side else None
         count = 0
         current: dict | None = None
+        spans: list[tuple[int, int]] = []
         try:
             with tarfile.open(path, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
+                    spans.append((member.offset_data, member.size))
                     key, _, suffix = member.name.partition(".")
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
                         raise EOFError(f"member {member.name} is cut short")
                     if current is None or current["__key__"] != key:
                         if current is not None:
-                            yield self._sample(current, path)
+                            yield self._sample(current, path, block)
                             count += 1
                         current = {"__key__": key}
                     current[suffix] = data
+            if not _end_marker_ok(path, spans):
+                raise EOFError("no end-of-archive marker after the last member")
         except (tarfile.TarError, EOFError, OSError) as err:
             raise StoreReadError(f"shard {path} is truncated or corrupt ({err}); {self._fix(path)}") from None
         if current is not None:
-            yield self._sample(current, path)
+            yield self._sample(current, path, block)
             count += 1
         if expected is not None and count != expected:
             raise StoreReadError(
                 f"shard {path} holds {count} records, its sidecar lists {expected} (truncated); {self._fix(path)}"
             )
 
-    def _sample(self, sample: dict, path: Path) -> EncodedRecord:
+    def _sample(self, sample: dict, path: Path, block: int | None) -> EncodedRecord:
         try:
-            return sample_to_record(sample)
+            rec = sample_to_record(sample)
         except (KeyError, ValueError) as err:
             raise StoreReadError(
                 f"shard {path}: record {sample.get('__key__')} is incomplete ({err}); {self._fix(path)}"
             ) from None
+        if self.verify_checksums and block is not None and path.parent == self.store:
+            digests = self._record_digests(block, rec.image_id, rec.view)
+            sha = digests.get("sha256", {}) if digests else {}
+            for name, blob in rec.blobs.items():
+                if name in sha and hashlib.sha256(blob).hexdigest() != sha[name]:
+                    raise StoreReadError(
+                        f"shard {path}: target {name} of image {rec.image_id} view {rec.view} fails its "
+                        f"checksum (the shard is damaged); {self._fix(path)}"
+                    )
+        return rec

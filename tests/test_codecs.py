@@ -1,0 +1,216 @@
+"""Codec chains: parsing, round trips, error bounds per transform, exact integers, framing."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from stores.codecs import (
+    CODEC_CHAINS_FOR_BENCH,
+    BlobDecodeError,
+    CodecChain,
+    blob_info,
+    decode,
+    encode,
+    pack,
+    parse_chain,
+    prepare,
+)
+
+RNG = np.random.default_rng(0)
+FEAT = (RNG.standard_normal((8, 13, 17)) * np.linspace(0.1, 10, 8)[:, None, None]).astype(np.float32)
+PROB = (1 / (1 + np.exp(-(RNG.standard_normal((6, 11, 9)) * 3 - 3)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec", CODEC_CHAINS_FOR_BENCH)
+def test_parse_canonical_round_trip(spec):
+    chain = parse_chain(spec)
+    assert parse_chain(chain.spec) == chain and chain.spec == spec
+    assert parse_chain(chain) is chain
+
+
+def test_parse_values():
+    assert parse_chain("bitround7+zstd") == CodecChain("bitround", "zstd", 7)
+    assert parse_chain("sparse0.01+blosc") == CodecChain("sparse", "blosc", 0.01)
+    assert parse_chain(" FP16+ZSTD ") == CodecChain("fp16", "zstd")
+
+
+@pytest.mark.parametrize(
+    "bad", ["fp16", "fp16+", "+zstd", "fp32+zstd", "fp16+lz4", "fp16+zstd+none", "bitround0+zstd",
+            "bitround24+zstd", "bitround+zstd", "sparse0+zstd", "sparse1.5+zstd", "sparse+zstd", "int8+zstd", ""]
+)
+def test_parse_errors_name_spec_and_valid_forms(bad):
+    with pytest.raises(ValueError) as info:
+        parse_chain(bad)
+    msg = str(info.value)
+    assert repr(bad) in msg
+    assert "zstd" in msg  # says what is valid
+
+
+@pytest.mark.parametrize("spec", ["raw+zstd", "raw+blosc", "raw+none"])
+def test_raw_is_exact(spec):
+    for x in (FEAT, FEAT.astype(np.float64), FEAT.astype(np.float16)):
+        y = decode(encode(x, spec))
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("spec", ["fp16+zstd", "int8c+blosc", "sparse0.01+zstd", "u8p+none", "bitround3+zstd"])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+def test_integer_arrays_always_exact(spec, dtype):
+    x = RNG.integers(-(2**40) if dtype == np.int64 else 0, 2 if dtype == np.bool_ else 200, 37).astype(dtype)
+    blob = encode(x, spec)
+    assert blob_info(blob)["chain"] == "raw+" + spec.split("+")[1]
+    y = decode(blob)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y, x)
+
+
+def test_fp16_error_and_dtype():
+    y = decode(encode(FEAT, "fp16+zstd"))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, FEAT, rtol=2**-11, atol=2**-24)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7, 10, 16, 23])
+def test_bitround_error_bound_and_matches_numcodecs(bits):
+    import numcodecs
+
+    y = decode(encode(FEAT, f"bitround{bits}+zstd"))
+    assert y.dtype == np.float32
+    rel = np.abs(y - FEAT) / np.abs(FEAT)
+    assert rel.max() <= 2.0 ** -(bits + 1) * (1 + 1e-6)
+    ref = numcodecs.BitRound(keepbits=bits).decode(numcodecs.BitRound(keepbits=bits).encode(FEAT.copy()))
+    np.testing.assert_array_equal(y, np.frombuffer(ref, dtype=np.float32).reshape(FEAT.shape))
+    if bits == 23:
+        np.testing.assert_array_equal(y, FEAT)
+
+
+def test_bitround_compresses_better_with_fewer_bits():
+    sizes = [len(encode(FEAT, f"bitround{b}+zstd")) for b in (4, 10, 23)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_int8c_per_channel_relative_error():
+    parts = prepare(FEAT, "int8c+zstd")
+    assert parts["q"].dtype == np.int8 and parts["q"].shape == FEAT.shape
+    assert parts["scale"].dtype == np.float32 and parts["scale"].shape == (8,)
+    amax = np.abs(FEAT).reshape(8, -1).max(1)
+    np.testing.assert_allclose(parts["scale"], amax / 127, rtol=1e-6)
+    y = decode(encode(FEAT, "int8c+zstd"))
+    err = np.abs(y - FEAT).reshape(8, -1).max(1)
+    assert np.all(err <= amax / 254 * (1 + 1e-5))  # half a quantisation step, per channel
+    # the per-channel scale matters: channels span 100x in magnitude, relative error stays ~1/254
+    assert np.all(err / amax < 0.004)
+
+
+def test_int8c_zero_channel_and_shapes():
+    x = FEAT.copy()
+    x[2] = 0
+    parts = prepare(x, "int8c+none")
+    assert parts["scale"][2] == 1.0 and not parts["q"][2].any()
+    np.testing.assert_array_equal(decode(encode(x, "int8c+zstd"))[2], 0)
+    for shape in [(), (5,), (3, 4), (0, 4)]:
+        a = RNG.standard_normal(shape).astype(np.float32)
+        y = decode(encode(a, "int8c+zstd"))
+        assert y.shape == a.shape
+        np.testing.assert_allclose(y, a, atol=np.abs(a).max(initial=0) / 254 + 1e-7)
+
+
+def test_int8c_rejects_non_finite():
+    x = FEAT.copy()
+    x[3, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="channel 3"):
+        encode(x, "int8c+zstd")
+
+
+def test_int8c_rounding_is_half_to_even():
+    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)  # scale 1
+    assert prepare(x, "int8c+none")["q"].tolist() == [[127, 0, 2, 2, 0, -2]]
+
+
+@pytest.mark.parametrize("t", [0.01, 0.05, 0.5])
+def test_sparse_keeps_above_threshold_zeroes_rest(t):
+    parts = prepare(PROB, f"sparse{t}+zstd")
+    assert parts["idx"].dtype == np.uint32 and parts["val"].dtype == np.float16
+    assert np.all(np.diff(parts["idx"].astype(np.int64)) > 0)
+    y = decode(encode(PROB, f"sparse{t}+zstd"))
+    assert y.dtype == np.float32 and y.shape == PROB.shape
+    below = PROB < t
+    assert np.all(y[below] == 0)
+    np.testing.assert_allclose(y[~below], PROB[~below], rtol=2**-11)
+    assert np.abs(y - PROB).max() < t
+
+
+def test_sparse_all_zero_and_all_kept():
+    z = np.zeros((3, 4, 5), np.float32)
+    np.testing.assert_array_equal(decode(encode(z, "sparse0.01+zstd")), z)
+    ones = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(decode(encode(ones, "sparse1+blosc")), ones)
+
+
+def test_sparse_delta_filter_is_exact_for_any_order():
+    # torch code may hand indices in any order: the uint32 delta filter is exact modulo 2**32
+    idx = np.array([7, 3, 0, 11, 4294967295 % 12], dtype=np.uint32)
+    val = np.arange(5, dtype=np.float16) / 8
+    x = decode(pack({"idx": idx, "val": val}, "sparse0.01+zstd", (12,), "float32"))
+    want = np.zeros(12, np.float32)
+    want[idx] = val
+    np.testing.assert_array_equal(x, want)
+
+
+def test_u8p_error():
+    y = decode(encode(PROB, "u8p+zstd"))
+    assert y.dtype == np.float32
+    assert np.abs(y - PROB).max() <= 1 / 510 + 1e-7
+    out_of_range = np.array([-0.5, 1.5, 0.5], np.float32)
+    np.testing.assert_allclose(decode(encode(out_of_range, "u8p+none")), [0, 1, 128 / 255])
+
+
+def test_pack_equals_encode_and_validates_parts():
+    for spec in ("fp16+zstd", "int8c+blosc", "sparse0.05+zstd", "u8p+zstd", "bitround7+none", "raw+zstd"):
+        x = PROB if "sparse" in spec or "u8p" in spec else FEAT
+        assert pack(prepare(x, spec), spec, x.shape, x.dtype) == encode(x, spec)
+    with pytest.raises(ValueError, match="parts"):
+        pack({"data": FEAT}, "int8c+zstd", FEAT.shape, "float32")
+    with pytest.raises(ValueError, match="dtype float32, expected float16"):
+        pack({"data": FEAT}, "fp16+zstd", FEAT.shape, "float32")
+    with pytest.raises(ValueError, match="shape"):
+        pack({"data": FEAT.astype(np.float16)}, "fp16+zstd", (1, 2), "float32")
+
+
+def test_blob_is_msgpack_without_pickle_and_self_describing():
+    blob = encode(FEAT, "int8c+zstd")
+    header = msgpack.unpackb(blob, raw=False)
+    assert header["format"] == "kdcache-blob" and header["version"] == 1
+    assert header["chain"] == "int8c+zstd" and header["shape"] == list(FEAT.shape) and header["dtype"] == "float32"
+    assert header["parts"]["q"]["dtype"] == "|i1" and header["parts"]["scale"]["shape"] == [8]
+    assert header["parts"]["scale"]["codec"] == "none"  # 32 bytes do not compress: stored as is
+    info = blob_info(blob)
+    assert info["raw_bytes"] == FEAT.size * 4 and info["stored_bytes"] == len(blob)
+    # decode also takes the msgpack-decoded header (webdataset's default decoders do that)
+    np.testing.assert_array_equal(decode(header), decode(blob))
+
+
+@pytest.mark.parametrize("spec", ["raw+zstd", "fp16+zstd", "int8c+zstd", "sparse0.01+zstd"])
+def test_corrupt_blob_raises_not_garbage(spec):
+    blob = bytearray(encode(PROB, spec))
+    for cut in (len(blob) // 2, len(blob) - 3):
+        with pytest.raises(BlobDecodeError):
+            decode(bytes(blob[:cut]))
+    # flip a byte inside the compressed payload: the zstd frame checksum catches it
+    payload = bytes(msgpack.unpackb(bytes(blob), raw=False)["parts"][next(iter(prepare(PROB, spec)))]["bytes"])
+    at = bytes(blob).index(payload) + len(payload) // 2
+    blob[at] ^= 0x5A
+    with pytest.raises(BlobDecodeError):
+        decode(bytes(blob))
+    with pytest.raises(BlobDecodeError, match="not a msgpack blob|not a kdcache blob"):
+        decode(b"\x00garbage")
+
+
+def test_lossy_chains_shrink_features():
+    raw = len(encode(FEAT, "raw+none"))
+    assert len(encode(FEAT, "fp16+zstd")) < 0.55 * raw
+    assert len(encode(FEAT, "int8c+zstd")) < 0.3 * raw
+    assert len(encode(PROB, "sparse0.05+zstd")) < len(encode(PROB, "fp16+zstd"))
