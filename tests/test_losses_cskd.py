@@ -114,7 +114,7 @@ def test_padding_changes_nothing():
     student.fpn = scramble_padding(student.fpn)
     student.cls_logits = scramble_padding(student.cls_logits, value=-50.0)
     teacher.fpn = scramble_padding(teacher.fpn, value=float("nan"))
-    teacher.cls_probs = scramble_padding(teacher.cls_probs, value=0.9)
+    teacher.cls_probs = scramble_padding(teacher.cls_probs, value=float("nan"))
     teacher.box_reg = scramble_padding(teacher.box_reg, value=77.0)
     after = loss(student, teacher, targets)
     for key in before:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stages.losses.feature import CosineFeatureLoss, MSEFeatureLoss
+from stages.losses.ssim import SSIMLoss
 from tests.losses_fakes import (
     IMAGE_SIZES,
     STRIDES,
@@ -46,7 +47,10 @@ def test_by_hand(cls, cell):
     assert math.isclose(value.item(), explicit(student, teacher, cell), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [MSEFeatureLoss, CosineFeatureLoss])
+FPN_LOSSES = [MSEFeatureLoss, CosineFeatureLoss, SSIMLoss]
+
+
+@pytest.mark.parametrize("cls", FPN_LOSSES)
 def test_zero_when_equal_and_grads(cls):
     student = student_output()
     loss = cls(4, 4)
@@ -56,7 +60,7 @@ def test_zero_when_equal_and_grads(cls):
     assert grads_finite(student.fpn)
 
 
-@pytest.mark.parametrize("cls", [MSEFeatureLoss, CosineFeatureLoss])
+@pytest.mark.parametrize("cls", FPN_LOSSES)
 def test_padding_changes_nothing(cls):
     student, teacher = student_output(grad=False), teacher_targets()
     loss = cls(4, 4)

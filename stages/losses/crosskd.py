@@ -22,9 +22,16 @@ The crossed predictions mimic the teacher's, over valid anchors (official per-ar
        (the official FCOS config uses IoU loss); GFL: GIoU 2.0
   kl   GFL only: KL(softmax(teacher bins) || softmax(crossed bins)) per box side, T = 1, summed
        over bins, mean over the 4 sides; 3.0
-Box terms are weighted per anchor by the teacher's max class probability. Every term is divided by
-the sum of those weights over valid anchors (at least 1); the official code divides the class term
-by the assigner's positive count, which a loss that runs no assigner does not have.
+Box terms are weighted per anchor by the teacher's max class probability; the GIoU term skips
+anchors whose teacher box is thinner than 0.1 px (FCOS ReLUs sides to 0: such a box has GIoU loss 1
+even against itself). Every term is divided by the sum of those weights over valid anchors (at
+least 1); the official code divides the class term by the assigner's positive count, which a loss
+that runs no assigner does not have.
+
+Index convention: `reuse_index` is the contract's 0-based tower layer whose pre-activation output
+the student supplies (`run_from`). The official `reused_teacher_head_idx = k` counts convs: it
+replaces the output of conv k-1 and reuses the teacher from conv k on, so the official 3 (2 for
+FCOS) is index 2 (1) here. The caller picks the index (`TeacherTargets.reuse_index`).
 FCOS centerness is not distilled (as in the official code). Student and teacher must share the
 architecture (the registry refuses others).
 """
@@ -36,20 +43,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from stages.detectors.box_coding import decode_boxes
 from stages.detectors.contract import DetectorOutput, flatten_levels
-from stages.losses.common import check_levels, make_adapter, masked_sum, quality_focal_kd, valid_masks
+from stages.losses.common import (
+    check_levels,
+    make_adapter,
+    masked_sum,
+    quality_focal_kd,
+    soft_positive_count,
+    valid_masks,
+)
 from stages.teacher_targets import TeacherTargets
 
 # (cls, box, kl) weights of the official configs
 ARCH_WEIGHTS = {"retinanet": (1.0, 1.0, 0.0), "fcos": (0.4, 0.75, 0.0), "gfl": (1.0, 2.0, 3.0)}
 QFL_BETA = 1.0
 KL_TEMPERATURE = 1.0
-
-
-def decode_boxes(arch: str, box_reg: Tensor, anchors: Tensor, reg_max: int) -> Tensor:
-    from stages.detectors.box_coding import decode_boxes as decode
-
-    return decode(arch, box_reg, anchors, reg_max)
+MIN_BOX_SIDE = 0.1  # pixels: thinner teacher boxes are left out of the GIoU term
 
 
 def _channel_sum(maps: list[Tensor], valid: list[Tensor]) -> Tensor:
@@ -109,14 +119,18 @@ class CrossKDLoss(nn.Module):
         inputs = self.crossed_inputs(student, teacher, valid)
         head = teacher.head.requires_grad_(False)
         cls_logits, box_reg, _ = head.run_from(teacher.reuse_index, inputs["cls"], inputs["reg"])
+        return self.mimic(cls_logits, box_reg, teacher, valid, student.anchors)
 
+    def mimic(self, cls_logits: list[Tensor], box_reg: list[Tensor], teacher: TeacherTargets,
+              valid: list[Tensor], anchors: list[Tensor]) -> dict[str, Tensor]:
+        """The crossed predictions (per level, contract layout) vs the teacher's, over valid anchors."""
         k = self.num_classes
-        num_anchors = student.cls_logits[0].shape[1] // k
+        num_anchors = cls_logits[0].shape[1] // k
         crossed = flatten_levels([m.float() for m in cls_logits], k)  # [B, N, K]
         t_probs = flatten_levels([m.float() for m in teacher.cls_probs], k).detach()
         anchor_valid = flatten_levels([v.expand(-1, num_anchors, -1, -1) for v in valid], 1)[..., 0]  # [B, N]
-        weight = anchor_valid * t_probs.amax(dim=2)  # teacher max score per valid anchor
-        norm = weight.sum().clamp_min(1.0)
+        weight = torch.where(anchor_valid > 0, t_probs.amax(dim=2), 0.0)  # the teacher's max score per valid anchor
+        norm = soft_positive_count(weight)
         w_cls, w_box, w_kl = ARCH_WEIGHTS[self.arch]
         qfl = quality_focal_kd(crossed, t_probs, QFL_BETA).sum(dim=2)
         parts = {"cls": w_cls * masked_sum(qfl, anchor_valid) / norm}
@@ -125,11 +139,13 @@ class CrossKDLoss(nn.Module):
         s_box = flatten_levels([m.float() for m in box_reg], box_dim)  # [B, N, R]
         t_box = flatten_levels([m.float() for m in teacher.box_reg], box_dim).detach()
         b, n, _ = s_box.shape
-        anchors = torch.cat(student.anchors).to(device).float().repeat(b, 1)  # [B*N, 4]
-        s_xyxy = decode_boxes(self.arch, s_box.reshape(b * n, -1), anchors, self.reg_max)
-        t_xyxy = decode_boxes(self.arch, t_box.reshape(b * n, -1), anchors, self.reg_max)
+        flat_anchors = torch.cat(anchors).to(s_box.device).float().repeat(b, 1)  # [B*N, 4]
+        s_xyxy = decode_boxes(self.arch, s_box.reshape(b * n, -1), flat_anchors, self.reg_max)
+        t_xyxy = decode_boxes(self.arch, t_box.reshape(b * n, -1), flat_anchors, self.reg_max)
         giou = generalized_box_iou_loss(s_xyxy, t_xyxy, reduction="none").view(b, n)
-        parts["box"] = w_box * masked_sum(giou, weight) / norm
+        # a degenerate teacher box (a side ReLU'd to 0) has GIoU loss 1 even against itself: skip it
+        sides = (t_xyxy[:, 2:] - t_xyxy[:, :2]).amin(dim=1).view(b, n)
+        parts["box"] = w_box * masked_sum(giou, weight * (sides >= MIN_BOX_SIDE)) / norm
         if w_kl > 0:
             bins = self.reg_max + 1
             t_dist = F.softmax(t_box.view(b, n, 4, bins) / KL_TEMPERATURE, dim=3)

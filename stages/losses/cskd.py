@@ -159,7 +159,7 @@ class CSKDLoss(nn.Module):
                 s_roi, t_roi = (self._roi(torch.where(v > 0, x, 0.0), gt_boxes, stride) for x in (s, t))
                 per_level["roi"].append(self.term(s_roi, t_roi, torch.ones_like(s_roi[:, :1])))
             else:
-                per_level["roi"].append(s.sum() * 0.0)  # keeps the part (and the graph) on GT-free batches
+                per_level["roi"].append(s.new_zeros(()))
         if self.predictions:
             check_levels(self.name, student.cls_logits, teacher.cls_probs)
             per_level["pred"] = [
@@ -188,7 +188,8 @@ class CSKDLoss(nn.Module):
                 )
             logits, box = self.assistant(torch.where(v > 0, feat.float(), 0.0))
             b, _, h, w = logits.shape
-            cls_sum = cls_sum + masked_sum(quality_focal_kd(logits, t_probs * f, beta=2.0), v)
+            t_fg = torch.where(f > 0, t_probs, 0.0)  # teacher probabilities inside GT boxes, 0 elsewhere
+            cls_sum = cls_sum + masked_sum(quality_focal_kd(logits, t_fg, beta=2.0), v)
             cls_count = cls_count + f.sum() * a
             if self.teacher_reg_max > 0:
                 pred_sides = expected_sides(box, self.teacher_reg_max)
@@ -196,7 +197,7 @@ class CSKDLoss(nn.Module):
             else:
                 pred_sides, t_sides = box.view(b, a, -1, h, w), t_box.view(b, a, -1, h, w)
             l1 = (pred_sides - t_sides).abs().mean(dim=2)  # [B, A, H, W]
-            weight = f * t_probs.view(b, a, k, h, w).amax(dim=2)  # inside a GT box x teacher max score
+            weight = t_fg.view(b, a, k, h, w).amax(dim=2)  # inside a GT box x teacher max score
             box_sum = box_sum + masked_sum(l1, weight)
             box_weight = box_weight + weight.sum()
         return {

@@ -41,23 +41,27 @@ def minmax(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def ssim_map(x: Tensor, y: Tensor, window: Tensor) -> Tensor:
-    """Per-cell SSIM of x, y [C, h, w] (values in [0, 1]) with separable window [k]; replicate padding."""
-    c = x.shape[0]
-    k = window.numel()
-    wx = window.view(1, 1, 1, k).expand(c, 1, 1, k)
-    wy = window.view(1, 1, k, 1).expand(c, 1, k, 1)
+    """Per-cell SSIM of x, y [C, h, w] (values in [0, 1]) with separable window [k]; replicate padding.
 
-    def blur(z: Tensor) -> Tensor:
-        z = F.pad(z[None], (k // 2, k // 2, k // 2, k // 2), mode="replicate")
-        return F.conv2d(F.conv2d(z, wx, groups=c), wy, groups=c)[0]
+    Runs in float32 or wider, autocast off: var = E[x^2] - mu^2 cancels badly in bf16."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x, y, window = x.to(dtype), y.to(dtype), window.to(dtype)
+        c, k = x.shape[0], window.numel()
+        wx = window.view(1, 1, 1, k).expand(c, 1, 1, k)
+        wy = window.view(1, 1, k, 1).expand(c, 1, k, 1)
 
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + C1) * (2 * cov + C2)
-    den = (mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2)
-    return num / den
+        def blur(z: Tensor) -> Tensor:
+            z = F.pad(z[None], (k // 2, k // 2, k // 2, k // 2), mode="replicate")
+            return F.conv2d(F.conv2d(z, wx, groups=c), wy, groups=c)[0]
+
+        mu_x, mu_y = blur(x), blur(y)
+        var_x = blur(x * x) - mu_x**2
+        var_y = blur(y * y) - mu_y**2
+        cov = blur(x * y) - mu_x * mu_y
+        num = (2 * mu_x * mu_y + C1) * (2 * cov + C2)
+        den = (mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2)
+        return num / den
 
 
 class SSIMLoss(nn.Module):

@@ -1,0 +1,82 @@
+"""SSIM by hand; its zero / gradient / padding checks run with the other FPN losses in test_losses_feature."""
+
+import math
+
+import pytest
+import torch
+
+from stages.losses.ssim import C1, C2, SSIMLoss, gaussian_window, minmax, ssim_map
+from tests.losses_fakes import IMAGE_SIZES, STRIDES, grads_finite, student_output, teacher_targets
+
+
+def reference_ssim_loss(x, y, size, sigma):
+    """mean (1 - SSIM)/2 of one map pair [h, w] by loops: Gaussian window, replicate padding."""
+    g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
+    g = [v / sum(g) for v in g]
+    h, w = len(x), len(x[0])
+    r = size // 2
+
+    def at(m, i, j):
+        return m[min(max(i, 0), h - 1)][min(max(j, 0), w - 1)]
+
+    total = 0.0
+    for i in range(h):
+        for j in range(w):
+            mx = my = xx = yy = xy = 0.0
+            for di in range(size):
+                for dj in range(size):
+                    wt = g[di] * g[dj]
+                    a, b = at(x, i + di - r, j + dj - r), at(y, i + di - r, j + dj - r)
+                    mx, my, xx, yy, xy = mx + wt * a, my + wt * b, xx + wt * a * a, yy + wt * b * b, xy + wt * a * b
+            vx, vy, cov = xx - mx * mx, yy - my * my, xy - mx * my
+            s = (2 * mx * my + C1) * (2 * cov + C2) / ((mx * mx + my * my + C1) * (vx + vy + C2))
+            total += (1 - s) / 2
+    return total / (h * w)
+
+
+def norm01(m):
+    lo, hi = min(min(r) for r in m), max(max(r) for r in m)
+    return [[(v - lo) / (hi - lo + 1e-6) for v in r] for r in m]
+
+
+@pytest.mark.parametrize("shape, size, sigma", [((4, 5), 3, 1.0), ((1, 2), 11, 1.5), ((3, 3), 5, 1.5)])
+def test_ssim_map_by_hand(shape, size, sigma):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(1, *shape, generator=g).double(), torch.rand(1, *shape, generator=g).double()
+    got = ((1 - ssim_map(x, y, gaussian_window(size, sigma).double())) / 2).mean().item()
+    assert math.isclose(got, reference_ssim_loss(x[0].tolist(), y[0].tolist(), size, sigma), rel_tol=1e-6)
+
+
+def test_loss_by_hand():
+    student, teacher = student_output(c=2), teacher_targets(c=2)
+    got = SSIMLoss(2, 2, window=3, sigma=1.0)(student, teacher, [])["fpn"].item()
+    levels = []
+    for s, t, stride in zip(student.fpn, teacher.fpn, STRIDES):
+        images = []
+        for b, (h, w) in enumerate(IMAGE_SIZES):
+            hh, ww = math.ceil(h / stride), math.ceil(w / stride)
+            per_channel = [
+                reference_ssim_loss(norm01(s[b, c, :hh, :ww].tolist()), norm01(t[b, c, :hh, :ww].tolist()), 3, 1.0)
+                for c in range(2)
+            ]
+            images.append(sum(per_channel) / 2)  # every channel of an image has the same number of cells
+        levels.append(sum(images) / len(images))
+    assert math.isclose(got, sum(levels) / len(levels), rel_tol=1e-4)
+
+
+def test_minmax():
+    x = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[-1.0, -1.0], [-1.0, -1.0]]])
+    out = minmax(x)
+    assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]), atol=1e-5)
+    assert torch.equal(out[1], torch.zeros(2, 2))  # a constant channel maps to 0, no NaN
+
+
+def test_adapter():
+    assert isinstance(SSIMLoss(4, 4).adapter, torch.nn.Identity)
+    assert isinstance(SSIMLoss(4, 4, adapter=True).adapter, torch.nn.Conv2d)
+    loss = SSIMLoss(4, 8)  # other widths need the adapter whatever the flag says
+    student = student_output(c=4)
+    loss(student, teacher_targets(c=8), [])["fpn"].backward()
+    assert loss.adapter.weight.grad is not None and grads_finite(student.fpn)
+    with pytest.raises(ValueError, match="odd"):
+        SSIMLoss(4, 4, window=4)
