@@ -130,7 +130,7 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
             losses.update({k: v for k, v in kd_losses.items() if k != "kd_total"})
         return losses
 
-    make_batches = _batch_source(params, distill, coco, views, reader, cfg)
+    make_batches = _batch_source(params, distill, coco, views, reader, cfg, cache_targets)
     meta = checkpoint_dict(student, student_cfg)
     meta.pop("model")
     meta.update(categories=coco.categories, params=to_dict(params), experiment=experiment or "")
@@ -167,14 +167,16 @@ def _targets_for(needs: set[str]) -> set[str]:
     return {mapping[n] for n in needs if mapping[n] in PER_IMAGE_TARGETS}
 
 
-def _batch_source(params, distill, coco, views, reader, cfg):
+def _batch_source(params, distill, coco, views, reader, cfg, targets):
     if distill.teacher == "offline" and distill.source == "wds":
         from stores.wds_store import decode_sample
 
-        return lambda start: wds_batches(reader.shard_paths(), decode_sample, coco, views, cfg.batch_size,
-                                         cfg.seed, start)
+        def decode(sample):
+            return decode_sample(sample, targets)
+
+        return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start)
     if reader is not None:
-        dataset = CachedViewDataset(coco, views, reader)
+        dataset = CachedViewDataset(coco, views, reader, targets)
         views_of, bucket_of = dataset.views_of, dataset.bucket_of
     else:
         from stages.data.batching import ViewDataset

@@ -94,28 +94,27 @@ def _online_offline_pairs(rows):
 def _cache_section(cache: dict, png: Path) -> list[str]:
     summary = cache.get("summary", {})
     lines = ["## Teacher cache", ""]
-    per_target = summary.get("bytes_per_image_per_target", {})
-    if per_target:
+    families = summary.get("families", {})
+    if families:
         lines += ["| target | codec | bytes / image | float32 bytes / image | ratio |", "|---|---|---|---|---|"]
-        raw = summary.get("raw_bytes_per_image_per_target", {})
         codecs = summary.get("codecs", {})
-        for target, nbytes in sorted(per_target.items()):
-            r = raw.get(target, 0)
-            ratio = f"{r / nbytes:.1f}x" if nbytes else ""
-            lines.append(f"| {target} | {codecs.get(target, 'raw+zstd')} | {nbytes:,.0f} | {r:,.0f} | {ratio} |")
+        for family, f in families.items():
+            lines.append(f"| {family} | {codecs.get(family, 'raw+zstd')} | {f['stored_bytes_per_record']:,.0f} | "
+                         f"{f['raw_float32_bytes_per_record']:,.0f} | {f['compression_ratio']:.1f}x |")
         lines.append("")
         fig, ax = plt.subplots(figsize=(6, 3))
-        names = sorted(per_target)
-        ax.bar(names, [per_target[n] / 1024 for n in names])
-        ax.set_ylabel("KiB / image")
-        ax.set_title("cache size per target")
+        names = list(families)
+        ax.bar(names, [families[n]["stored_bytes_per_record"] / 1024 for n in names])
+        ax.set_ylabel("KiB / record")
+        ax.set_title("cache size per target (one image under one view)")
         fig.tight_layout()
         fig.savefig(png, dpi=80)
         plt.close(fig)
         lines += [f"![cache bytes](report/{png.name})", ""]
-    for key in ("records", "compression_ratio", "total_bytes"):
-        if key in summary:
-            lines.append(f"- {key.replace('_', ' ')}: {summary[key]}")
+    if "records" in summary:
+        lines.append(f"- {summary['records']} records ({summary.get('images', '?')} images x views), "
+                     f"{summary.get('stored_bytes_per_record', 0) / 1024:.1f} KiB per record, "
+                     f"{summary.get('compression_ratio', 0):.1f}x smaller than float32; on disk: {summary.get('disk_bytes')}")
     fidelity = cache.get("fidelity", {})
     if fidelity:
         lines += ["", "Fidelity against the live teacher (inspect_cache --fidelity):", "",

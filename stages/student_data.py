@@ -34,8 +34,8 @@ def image_hw(dataset: CocoDataset, image_id: int) -> tuple[int, int]:
 class CachedViewDataset(torch.utils.data.Dataset):
     """Index = image_index * V + view_index (ViewDataset 'all' layout) joined with the cache record."""
 
-    def __init__(self, dataset: CocoDataset, views: list[View], reader):
-        self.coco, self.views, self.reader = dataset, views, reader
+    def __init__(self, dataset: CocoDataset, views: list[View], reader, targets: list[str] | None = None):
+        self.coco, self.views, self.reader, self.targets = dataset, views, reader, targets
         self.images = ViewDataset(dataset, views, mode="all")
         cached = set(reader.keys())
         self.view_index = {v.key: i for i, v in enumerate(views)}
@@ -61,7 +61,7 @@ class CachedViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.images[index]
-        record = self.reader.get(item["image_id"], item["view"])
+        record = self.reader.get(item["image_id"], item["view"], targets=self.targets)  # only what the losses read
         item["teacher"] = record["arrays"]
         item["teacher_meta"] = record["meta"]
         return item

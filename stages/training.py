@@ -250,11 +250,11 @@ def train_loop(
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             sec = (time.perf_counter() - window_start) / window_steps
             window_start, window_steps = time.perf_counter(), 0
-            last = {"step": step + 1, "lr": lr, "sec_per_step": round(sec, 4), "loss": float(total)}
-            last.update({k: float(v) for k, v in losses.items()})
+            last = {"step": step + 1, "lr": lr, "sec_per_step": round(sec, 4), "loss": float(total.detach())}
+            last.update({k: float(v.detach()) for k, v in losses.items()})
             if is_main:
                 log.write(last)
-            bar.set_postfix(loss=f"{float(total):.3f}")
+            bar.set_postfix(loss=f"{float(total.detach()):.3f}")
         if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             checkpoint(step + 1)
     return last

@@ -70,19 +70,19 @@ def _regular(n: int, r: float, phase: float) -> list[tuple[float, float]]:
     ]
 
 
-_TRI = _regular(3, 1.0, -math.pi / 2)
-_STAR_OUT = _regular(5, 1.0, -math.pi / 2)
-_STAR_IN = _regular(5, 0.42, -math.pi / 2 + math.pi / 5)
-_STAR_PARTS = [_STAR_IN] + [[_STAR_OUT[k], _STAR_IN[(k - 1) % 5], _STAR_IN[k]] for k in range(5)]
-
-
 def _ccw(p: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The polygon in counter-clockwise order (positive shoelace area)."""
     a = sum(p[i][0] * p[(i + 1) % len(p)][1] - p[(i + 1) % len(p)][0] * p[i][1] for i in range(len(p)))
     return p if a > 0 else p[::-1]
 
 
-_TRI = _ccw(_TRI)
-_STAR_PARTS = [_ccw(p) for p in _STAR_PARTS]
+_TRI = _ccw(_regular(3, 1.0, -math.pi / 2))
+_STAR_OUT = _regular(5, 1.0, -math.pi / 2)
+_STAR_IN = _regular(5, 0.42, -math.pi / 2 + math.pi / 5)
+# a star = its inner pentagon + five spike triangles (each convex): signed distance = min over parts
+_STAR_PARTS = [
+    _ccw(p) for p in [_STAR_IN] + [[_STAR_OUT[k], _STAR_IN[(k - 1) % 5], _STAR_IN[k]] for k in range(5)]
+]
 _SQUARE = _ccw([(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)])
 _CROSS_A = _ccw([(-1.0, -0.3), (1.0, -0.3), (1.0, 0.3), (-1.0, 0.3)])
 _CROSS_B = _ccw([(-0.3, -1.0), (0.3, -1.0), (0.3, 1.0), (-0.3, 1.0)])

@@ -71,8 +71,9 @@ def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
 
 
 def gn_groups(channels: int, preferred: int = 32) -> int:
-    """GroupNorm groups for narrow heads: 32 where it divides, else the largest divisor that does."""
-    return math.gcd(preferred, channels)
+    """GroupNorm groups: 32 for the usual widths (>= 64); for narrow heads the largest divisor that
+    leaves >= 2 channels per group, so a 1x1 P7 map of one image still normalises in training."""
+    return math.gcd(preferred, max(channels // 2, 1))
 
 
 def normalize_batch(images: Tensor, image_sizes: list[tuple[int, int]], mean: Tensor, std: Tensor) -> Tensor:

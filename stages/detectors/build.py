@@ -8,6 +8,7 @@ key names are torchvision's, `FrozenBatchNorm2d` checkpoints (no `num_batches_tr
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,17 @@ def load_detector(
 
 
 def _describe(cfg: ModelParams, num_classes: int) -> str:
-    return ", ".join(f"{f}={getattr(cfg, f)}" for f in ARCH_FIELDS) + f", num_classes={num_classes}"
+    fields = [f for f in ARCH_FIELDS if f != "reg_max" or cfg.arch == "gfl"]
+    return ", ".join(f"{f}={getattr(cfg, f)}" for f in fields) + f", num_classes={num_classes}"
 
 
 def load_weights(model: nn.Module, weights: dict, where: str) -> None:
     """Strict load, except that BN counters absent from the file (FrozenBatchNorm2d) are kept."""
     own = model.state_dict()
-    weights = dict(weights)
+    meta = getattr(weights, "_metadata", None)
+    weights = OrderedDict(weights)
+    if meta is not None:  # per-module versions: torchvision heads convert old layouts by them
+        weights._metadata = meta
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in weights:
             weights[key] = value
