@@ -10,6 +10,7 @@ extracts the same records before any codec — the reference the cache is measur
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from stages.cache_targets import PER_IMAGE_TARGETS
-from stages.caching import check_cache, open_reader, teacher_head_from_cache
+from stages.caching import check_cache, open_reader, teacher_head_from_cache, teacher_model_params
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.coco import CocoDataset
 from stages.data.views import View
@@ -70,13 +71,33 @@ def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: 
     )
 
 
-def reuse_index(distill: DistillParams, teacher_default: int, head_convs: int) -> int:
-    idx = distill.crosskd.reuse_index
-    return min(teacher_default if idx < 0 else idx, head_convs - 1)
+def run_from_index(distill: DistillParams, teacher_arch: str, head_convs: int) -> int:
+    """CrossKD's reuse index in the paper's numbering -> our 0-based `run_from` index.
+
+    The paper's index N (3; 2 for FCOS) means: the student's first N tower convs produce the
+    pre-activation that replaces the teacher's conv N output; the teacher head continues from
+    there. In `run_from` numbering that is layer N - 1, clamped to the tower depth.
+    """
+    paper = distill.crosskd.reuse_index if distill.crosskd.reuse_index > 0 else (2 if teacher_arch == "fcos" else 3)
+    return max(0, min(paper, head_convs) - 1)
 
 
-def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True) -> dict:
-    """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics."""
+@dataclass
+class DistillRun:
+    """One student experiment, assembled: what `train_loop` needs, plus the pieces tests inspect."""
+
+    distill: DistillParams
+    device: torch.device
+    coco: CocoDataset
+    student: nn.Module
+    kd: nn.Module
+    teacher_targets: Callable[[dict, torch.Tensor, list[dict]], Any]
+    step_loss: Callable[[dict], dict[str, torch.Tensor]]
+    make_batches: Callable[[int], Any]
+
+
+def build_run(params: Params, experiment: str | None) -> DistillRun:
+    """Student, KD losses, teacher source (cache or live) and batches for one experiment."""
     distill = resolve_distill(params, experiment)
     cfg = params.train
     torch.manual_seed(cfg.seed)
@@ -86,36 +107,35 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
     student = build_detector(student_cfg, student_cfg.num_classes or coco.num_classes).to(device)
     views = [View(v.min_size, v.max_size, v.flip) for v in params.cache.views]
 
+    teacher, reader = None, None
     if distill.teacher == "online":
         teacher = load_detector(params.teacher.checkpoint).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        t_arch = to_dict(from_dict(type(params.teacher.model), _model_params_of(params.teacher.checkpoint)))
+        t_arch = teacher_model_params(params.teacher.checkpoint)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
-        t_box_dim, t_quality, t_default, t_convs = teacher.box_dim, teacher.has_quality, teacher.default_reuse_index, teacher.head_convs
-        reader = None
+        t_box_dim, t_quality = teacher.box_dim, teacher.has_quality
     else:
         reader = open_reader(params.cache.path, distill.source)
         check_cache(reader, params)
         t_arch = reader.manifest.fingerprint["teacher_arch"]
         t_info = TeacherInfo(t_arch, reader.manifest.meta["num_classes"], None)
         t_box_dim, t_quality = reader.manifest.meta["box_dim"], reader.manifest.meta["has_quality"]
-        t_default, t_convs = reader.manifest.meta["default_reuse_index"], t_arch["head_convs"]
     if t_info.num_classes != student.num_classes:
         raise ValueError(f"teacher has {t_info.num_classes} classes, student {student.num_classes}: same dataset?")
 
     ctx = loss_context(student, t_arch, t_info.num_classes, t_box_dim, t_quality)
     kd = build_kd_losses(distill.losses, ctx, distill).to(device)
     needs = kd.needs()
-    index = reuse_index(distill, t_default, t_convs)
+    index = run_from_index(distill, t_arch["arch"], t_arch["head_convs"])
     if "head" in needs and t_info.head is None:
         t_info.head = teacher_head_from_cache(reader, t_arch, t_info.num_classes).to(device)
-    cache_targets = sorted(_targets_for(needs))
+    targets_needed = sorted(_targets_for(needs))
 
     def teacher_targets(batch, images, targets):
         padded = tuple(images.shape[-2:])
-        if distill.teacher == "online":
-            _, records = live_records(teacher, images, batch["image_sizes"], targets, cache_targets)
+        if teacher is not None:
+            _, records = live_records(teacher, images, batch["image_sizes"], targets, targets_needed)
         else:
             padded = check_padding(batch)
             records = cached_records_to_device(batch["teacher"], device)
@@ -130,34 +150,38 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
             losses.update({k: v for k, v in kd_losses.items() if k != "kd_total"})
         return losses
 
-    make_batches = _batch_source(params, distill, coco, views, reader, cfg, cache_targets)
-    meta = checkpoint_dict(student, student_cfg)
+    make_batches = _batch_source(distill, coco, views, reader, cfg, targets_needed)
+    return DistillRun(distill, device, coco, student, kd, teacher_targets, step_loss, make_batches)
+
+
+def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True) -> dict:
+    """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics."""
+    run = build_run(params, experiment)
+    student_cfg = params.student.model
+    meta = checkpoint_dict(run.student, student_cfg)
     meta.pop("model")
-    meta.update(categories=coco.categories, params=to_dict(params), experiment=experiment or "")
+    meta.update(categories=run.coco.categories, params=to_dict(params), experiment=experiment or "")
     train_loop(
-        modules={"model": student, "kd": kd},
-        step_loss=step_loss,
-        make_batches=make_batches,
-        cfg=cfg,
+        modules={"model": run.student, "kd": run.kd},
+        step_loss=run.step_loss,
+        make_batches=run.make_batches,
+        cfg=params.train,
         out_dir=out_dir,
         checkpoint_meta=meta,
-        device=device,
+        device=run.device,
         progress=progress,
         desc=f"student {experiment or ''}".strip(),
     )
-    final = checkpoint_dict(student.cpu(), student_cfg) | {"categories": coco.categories, "step": cfg.steps}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return {}
+    final = checkpoint_dict(run.student.cpu(), student_cfg) | {"categories": run.coco.categories, "step": params.train.steps}
     save_checkpoint(out_dir / "model.pt", final)
     val = CocoDataset(params.data.val_images, params.data.val_ann)
-    metrics = evaluate(student.to(device), val, View(params.data.min_size, params.data.max_size), params.eval.batch_size,
-                       device, progress)
-    metrics.update(experiment=experiment or "", teacher_mode=distill.teacher, losses=distill.losses)
+    view = View(params.data.min_size, params.data.max_size)
+    metrics = evaluate(run.student.to(run.device), val, view, params.eval.batch_size, run.device, progress)
+    metrics.update(experiment=experiment or "", teacher_mode=run.distill.teacher, losses=run.distill.losses)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
-
-
-def _model_params_of(checkpoint: str) -> dict:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return state["model_params"]
 
 
 def _targets_for(needs: set[str]) -> set[str]:
@@ -167,7 +191,7 @@ def _targets_for(needs: set[str]) -> set[str]:
     return {mapping[n] for n in needs if mapping[n] in PER_IMAGE_TARGETS}
 
 
-def _batch_source(params, distill, coco, views, reader, cfg, targets):
+def _batch_source(distill, coco, views, reader, cfg, targets):
     if distill.teacher == "offline" and distill.source == "wds":
         from stores.wds_store import decode_sample
 
