@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# dvc runs each stage's `python -m ...` through the shell: put the venv first on PATH
 demo: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 lint: setup
 	$(BIN)/ruff check pipeline stages stores tests bench
