@@ -37,7 +37,10 @@ def batch(seed: int = 0):
     images = torch.rand(2, 3, 128, 128, generator=g)
     images[1, :, 96:] = 0  # padding
     targets = [
-        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 30.0, 110.0, 60.0]]), "labels": torch.tensor([0, 2])},
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 30.0, 110.0, 60.0]]),
+            "labels": torch.tensor([0, 2]),
+        },
         {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)},  # no GT
     ]
     return images, targets
@@ -107,8 +110,12 @@ def test_losses_finite_and_backward(zoo, arch):
     images, targets = batch(1)
     out = det(images, SIZES, targets=targets)
     assert out.detections is None
-    names = {"retinanet": {"cls", "box"}, "fcos": {"cls", "box", "ctrness"}, "gfl": {"cls", "box", "dfl"},
-             "faster_rcnn": {"rpn_cls", "rpn_box", "cls", "box"}}[arch]
+    names = {
+        "retinanet": {"cls", "box"},
+        "fcos": {"cls", "box", "ctrness"},
+        "gfl": {"cls", "box", "dfl"},
+        "faster_rcnn": {"rpn_cls", "rpn_box", "cls", "box"},
+    }[arch]
     assert set(out.losses) == names
     for v in out.losses.values():
         assert v.dim() == 0 and torch.isfinite(v)
@@ -250,7 +257,9 @@ def test_fcos_assignment_and_losses_equal_torchvision(zoo):
     targets = det.prepare_targets(targets, torch.device("cpu"))
     ours = det.compute_losses(out, targets)
     anchors = torch.cat(out.anchors)
-    theirs = TVFCOS.compute_loss(det, targets, det.head_outputs(out), [anchors] * 2, [len(a) for a in out.anchors])
+    theirs = TVFCOS.compute_loss(
+        det, targets, det.head_outputs(out), [anchors] * 2, [len(a) for a in out.anchors]
+    )
     assert torch.equal(ours["cls"], theirs["classification"])
     assert torch.equal(ours["box"], theirs["bbox_regression"])
     assert torch.equal(ours["ctrness"], theirs["bbox_ctrness"])
@@ -274,7 +283,11 @@ def test_input_checks():
     with pytest.raises(ValueError, match="multiples of 128"):
         det(torch.rand(1, 3, 160, 256), [(160, 256)])
     with pytest.raises(ValueError, match="labels"):
-        det(torch.rand(1, 3, 128, 128), [(128, 128)], targets=[{"boxes": torch.ones(1, 4), "labels": torch.tensor([K])}])
+        det(
+            torch.rand(1, 3, 128, 128),
+            [(128, 128)],
+            targets=[{"boxes": torch.ones(1, 4), "labels": torch.tensor([K])}],
+        )
     with pytest.raises(ValueError, match="unknown arch"):
         build_detector(dataclasses.replace(tiny("retinanet"), arch="yolo"), K)
 
@@ -291,7 +304,9 @@ def test_decode_boxes():
     anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 40.0, 24.0]])
     assert torch.allclose(decode_boxes("retinanet", torch.zeros(2, 4), anchors), anchors)
     gt = torch.tensor([[2.0, 3.0, 20.0, 18.0], [10.0, 0.0, 50.0, 30.0]])
-    assert torch.allclose(decode_boxes("retinanet", RETINANET_CODER.encode_single(gt, anchors), anchors), gt, atol=1e-4)
+    assert torch.allclose(
+        decode_boxes("retinanet", RETINANET_CODER.encode_single(gt, anchors), anchors), gt, atol=1e-4
+    )
     points = torch.tensor([[4.0, 4.0, 12.0, 12.0]])  # stride 8, centre (8, 8)
     fcos_gt = torch.tensor([[2.0, 3.0, 20.0, 18.0]])
     assert torch.allclose(decode_boxes("fcos", FCOS_CODER.encode(points, fcos_gt), points), fcos_gt)
@@ -334,7 +349,7 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
     torch.save(det.state_dict(), path)
     with pytest.raises(ValueError, match="needs cfg and num_classes"):
         load_detector(path)
-    with pytest.raises(ValueError, match=r"raw\.pt.*wrong shape.*cls_logits.*check arch/backbone"):
+    with pytest.raises(ValueError, match=r"raw\.pt.*wrong shapes.*cls_logits.*check arch/backbone"):
         load_detector(path, tiny("retinanet"), K + 1)
     with pytest.raises(ValueError, match=r"raw\.pt.*unexpected keys.*conv\.1.*check arch/backbone"):
         load_detector(path, dataclasses.replace(tiny("retinanet"), head_convs=1), K)
@@ -345,7 +360,9 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
 def test_torchvision_retinanet_checkpoint_loads_and_matches(tmp_path):
     """A torchvision retinanet_resnet50_fpn state_dict loads into ours; same features, head and anchors."""
     torch.manual_seed(0)
-    tv = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
+    tv = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=5
+    )
     state = tv.state_dict()
     path = tmp_path / "tv_retinanet.pt"
     torch.save(state, path)
@@ -384,7 +401,9 @@ def test_torchvision_fcos_state_dict_loads_and_matches(tmp_path):
     tv = TVFCOS(_tv_backbone(64), num_classes=K).eval()
     path = tmp_path / "tv_fcos.pt"
     torch.save(tv.state_dict(), path)
-    ours = load_detector(path, ModelParams(arch="fcos", backbone="resnet18", fpn_channels=64, head_convs=4), K).eval()
+    ours = load_detector(
+        path, ModelParams(arch="fcos", backbone="resnet18", fpn_channels=64, head_convs=4), K
+    ).eval()
     images = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         out = ours(images, [(128, 128)])
@@ -410,7 +429,9 @@ def test_torchvision_faster_rcnn_state_dict_loads_and_matches(tmp_path):
         out = ours(images, [(128, 128)])
         rois = [torch.tensor([[10.0, 10.0, 60.0, 80.0], [0.0, 0.0, 128.0, 128.0]])]
         feats = OrderedDict(zip(["0", "1", "2", "p6", "p7"], out.fpn))
-        theirs = tv.roi_heads.box_predictor(tv.roi_heads.box_head(tv.roi_heads.box_roi_pool(feats, rois, [(128, 128)])))
+        theirs = tv.roi_heads.box_predictor(
+            tv.roi_heads.box_head(tv.roi_heads.box_roi_pool(feats, rois, [(128, 128)]))
+        )
         mine = ours._box_head(feats, rois)
         assert torch.equal(tv.rpn.head(out.fpn)[0][0], ours.rpn.head(out.fpn)[0][0])
     assert all(torch.equal(a, b) for a, b in zip(theirs, mine))

@@ -54,7 +54,9 @@ class Detector(nn.Module):
         """Normalised padded batch -> FPN {'0': P3, '1': P4, '2': P5, 'p6': P6, 'p7': P7}."""
         return self.backbone(normalize_batch(images, image_sizes, self.image_mean, self.image_std))
 
-    def prepare_targets(self, targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
+    def prepare_targets(
+        self, targets: list[dict[str, Tensor]], device: torch.device
+    ) -> list[dict[str, Tensor]]:
         """GT on the model's device: boxes float32 [N, 4], labels int64 [N] checked against K."""
         out = []
         for i, t in enumerate(targets):
@@ -151,12 +153,16 @@ class DenseDetector(Detector):
         targets = self.prepare_targets(targets, device)
         _, matched = self.matches(out, targets)
         return [
-            [torch.nonzero(m == g).flatten() for g in range(len(t["boxes"]))] for m, t in zip(matched, targets)
+            [torch.nonzero(m == g).flatten() for g in range(len(t["boxes"]))]
+            for m, t in zip(matched, targets)
         ]
 
     def head_outputs(self, out: DetectorOutput, per_level: bool = False) -> dict:
         """torchvision's head-output dict ([B, HWA, X] float32), whole or split per level."""
-        maps = {"cls_logits": (out.cls_logits, self.num_classes), "bbox_regression": (out.box_reg, self.box_dim)}
+        maps = {
+            "cls_logits": (out.cls_logits, self.num_classes),
+            "bbox_regression": (out.box_reg, self.box_dim),
+        }
         if out.quality:
             maps["bbox_ctrness"] = (out.quality, 1)
         if per_level:

@@ -64,4 +64,3 @@ def decode_boxes(arch: str, box_reg: Tensor, anchors: Tensor, reg_max: int = 16)
         return distance_to_box(centers(anchors).float(), integral(box_reg, reg_max) * stride)
     flat = RETINANET_CODER.decode_single(box_reg.reshape(-1, 4), anchors.reshape(-1, 4))
     return flat.reshape(box_reg.shape)
-

@@ -75,7 +75,9 @@ def load_detector(
             differ = [f for f in ARCH_FIELDS if getattr(cfg, f) != getattr(saved, f)]
             if differ:
                 f = differ[0]
-                raise ValueError(f"{path}: checkpoint has {f}={getattr(saved, f)!r} but cfg says {getattr(cfg, f)!r}")
+                raise ValueError(
+                    f"{path}: checkpoint has {f}={getattr(saved, f)!r} but cfg says {getattr(cfg, f)!r}"
+                )
         else:
             cfg = saved
         stored_k = int(state["num_classes"])
@@ -113,12 +115,20 @@ def load_weights(model: nn.Module, weights: dict, where: str) -> None:
         for k, v in own.items()
         if k in weights and hasattr(weights[k], "shape") and weights[k].shape != v.shape
     ]
-    if shapes:
-        raise ValueError(f"{where}: {len(shapes)} weights have the wrong shape, first: {shapes[:3]}; {FIX}")
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{where}: checkpoint does not fit the model: {len(result.missing_keys)} missing keys "
-            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
-            f"{result.unexpected_keys[:3]}; {FIX}"
+    if shapes:  # load_state_dict would stop at the first; list the key differences too
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+    else:
+        result = model.load_state_dict(weights, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    problems = [
+        f"{len(found)} {what} {found[:3]}"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", shapes),
         )
+        if found
+    ]
+    if problems:
+        raise ValueError(f"{where}: checkpoint does not fit the model: {'; '.join(problems)}; {FIX}")

@@ -85,7 +85,8 @@ class FasterRCNNDetector(Detector):
             if len(targets) != images.shape[0]:
                 raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]}")
             tv_targets = [
-                {"boxes": t["boxes"], "labels": t["labels"] + 1} for t in self.prepare_targets(targets, images.device)
+                {"boxes": t["boxes"], "labels": t["labels"] + 1}
+                for t in self.prepare_targets(targets, images.device)
             ]
             out.losses = self._losses(features, objectness, deltas, anchors, proposals, tv_targets)
         if with_detections:

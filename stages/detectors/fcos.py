@@ -35,7 +35,9 @@ def fcos_match(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, radi
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
     anchor_sizes = anchors[:, 2] - anchors[:, 0]
     # centre sampling: the point is within radius * stride of the GT centre ...
-    match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(dim=2).values < radius * anchor_sizes[:, None]
+    match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(
+        dim=2
+    ).values < radius * anchor_sizes[:, None]
     x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
     x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
     dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)  # [N, G, 4]
@@ -74,7 +76,11 @@ class FCOSDetector(DenseDetector):
     def compute_losses(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         anchors, matched = self.matches(out, targets)
         losses = self.head.compute_loss(targets, self.head_outputs(out), [anchors] * len(targets), matched)
-        return {"cls": losses["classification"], "box": losses["bbox_regression"], "ctrness": losses["bbox_ctrness"]}
+        return {
+            "cls": losses["classification"],
+            "box": losses["bbox_regression"],
+            "ctrness": losses["bbox_ctrness"],
+        }
 
     def tv_postprocess(self, head_outputs, anchors, image_sizes):
         return TVFCOS.postprocess_detections(self, head_outputs, anchors, image_sizes)

@@ -43,7 +43,9 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: flo
     positive has soft target `score` (the IoU), BCE scaled by |score - sigmoid|^beta.
     """
     prob = logits.sigmoid()
-    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(beta)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(
+        beta
+    )
     pos = torch.nonzero(labels >= 0).flatten()
     if len(pos):
         lab = labels[pos]
@@ -62,9 +64,10 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     right = left + 1
     w_left = right.to(target.dtype) - target
     w_right = target - left.to(target.dtype)
-    return F.cross_entropy(logits, left, reduction="none") * w_left + F.cross_entropy(
-        logits, right, reduction="none"
-    ) * w_right
+    return (
+        F.cross_entropy(logits, left, reduction="none") * w_left
+        + F.cross_entropy(logits, right, reduction="none") * w_right
+    )
 
 
 def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -102,9 +105,12 @@ def atss_match(
     cand_ious = ious.gather(0, cand)
     threshold = cand_ious.mean(0) + cand_ious.std(0)
     px, py = points[cand, 0], points[cand, 1]  # [C, G]
-    inside = torch.stack(
-        [px - gt_boxes[:, 0], py - gt_boxes[:, 1], gt_boxes[:, 2] - px, gt_boxes[:, 3] - py], dim=-1
-    ).amin(dim=-1) > 0.01
+    inside = (
+        torch.stack(
+            [px - gt_boxes[:, 0], py - gt_boxes[:, 1], gt_boxes[:, 2] - px, gt_boxes[:, 3] - py], dim=-1
+        ).amin(dim=-1)
+        > 0.01
+    )
     pos = (cand_ious >= threshold) & inside
     gt_of = torch.arange(g, device=anchors.device).expand_as(cand)
     claimed = torch.full_like(ious, -float("inf"))

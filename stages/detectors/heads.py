@@ -106,7 +106,9 @@ class TowerHead:
         return len(self.tower_layers()[0])
 
     @staticmethod
-    def _continue(layers: list[list[nn.Module]], index: int, pre: Tensor, record: TowerFeatures | None) -> Tensor:
+    def _continue(
+        layers: list[list[nn.Module]], index: int, pre: Tensor, record: TowerFeatures | None
+    ) -> Tensor:
         """Activation of layer `index` on `pre`, then the remaining layers; optionally record them."""
         x = F.relu(pre)  # never in place: `pre` is part of the output
         if record is not None:
@@ -211,7 +213,11 @@ class FCOSDenseHead(TowerHead, FCOSHead):
 
     def predict(self, level: int, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         reg = self.regression_head
-        return self.classification_head.cls_logits(cls_feat), F.relu(reg.bbox_reg(reg_feat)), reg.bbox_ctrness(reg_feat)
+        return (
+            self.classification_head.cls_logits(cls_feat),
+            F.relu(reg.bbox_reg(reg_feat)),
+            reg.bbox_ctrness(reg_feat),
+        )
 
 
 class Scale(nn.Module):
@@ -254,7 +260,9 @@ class GFLDenseHead(TowerHead, nn.Module):
                 side-major (l, t, r, b) x bins, distances in stride units.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_convs: int = 4, reg_max: int = 16, num_levels: int = 5):
+    def __init__(
+        self, in_channels: int, num_classes: int, num_convs: int = 4, reg_max: int = 16, num_levels: int = 5
+    ):
         _check_convs(num_convs)
         if reg_max < 1:
             raise ValueError(f"reg_max must be >= 1, got {reg_max}")

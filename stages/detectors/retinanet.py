@@ -55,4 +55,6 @@ class RetinaNetDetector(DenseDetector):
 
 
 def build_retinanet_head(cfg: ModelParams, num_classes: int) -> RetinaNetDenseHead:
-    return RetinaNetDenseHead(cfg.fpn_channels, retinanet_anchors().num_anchors_per_location()[0], num_classes, cfg.head_convs)
+    return RetinaNetDenseHead(
+        cfg.fpn_channels, retinanet_anchors().num_anchors_per_location()[0], num_classes, cfg.head_convs
+    )
