@@ -8,6 +8,10 @@ names the differing field); pass --overwrite to rebuild it.
 
 Parallelism: in-process with cache.n_workers 1; a local dask cluster with n_workers > 1 (one
 worker per GPU on GPU machines); --scheduler tcp://HOST:8786 uses an existing dask cluster.
+
+Errors (missing or unreadable checkpoint, unknown target or codec, a mismatched or damaged
+store, a full disk) exit with status 1 and one line naming the file / field and the fix; a full
+disk or a kill leaves the finished blocks in place for the rerun.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import json
 
 from pipeline.params import make_parser, params_from_args
 from stages.caching import run_cache
+from stores.base import StoreError
+from stores.manifest import CacheMismatchError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     params = params_from_args(args)
     try:
         summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except CacheMismatchError as err:
+        raise SystemExit(f"error: {err}; or pass --overwrite to replace it") from None
+    except (ValueError, OSError, StoreError) as err:  # bad inputs, disk full, damaged store: one line each
         raise SystemExit(f"error: {err}") from None
     if args.stats:
         with open(args.stats, "w") as f:

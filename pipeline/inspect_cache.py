@@ -3,9 +3,10 @@
 Without options: a summary (records, views, targets, bytes per image per target, compression
 ratio against float32, codecs). --verify checks every planned block is complete, checksums
 match and every record decodes; it exits non-zero naming the first bad image/block/file.
---fidelity N re-runs the live teacher (teacher.checkpoint) on N cached records and reports per
-target cosine, max abs error and the relative KD-loss error. --show IMAGE_ID writes a PNG with
-the image, the teacher's boxes and a heat-map of each FPN level.
+--fidelity N re-runs the live teacher (teacher.checkpoint, which must be the cache's teacher) on
+N cached records and reports per target cosine, max abs error and the relative KD-loss error.
+--show IMAGE_ID writes a PNG with the image, the teacher's boxes and a heat-map of each FPN level.
+Exit status: 0 when everything asked for succeeded, 1 otherwise (the last stderr line says why).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args
 
+SUMMARY_RECORDS = 256  # bytes per target are averaged over the first records (reading all is verify's job)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("inspect_cache", __doc__)
     parser.add_argument("store", nargs="?", help="cache folder (default: cache.path)")
-    parser.add_argument("--format", choices=["zarr", "wds"], default="zarr", help="which store to read (default zarr)")
+    parser.add_argument("--format", choices=["zarr", "wds"], default=None,
+                        help="which store to read (default: zarr if present, else wds)")
     parser.add_argument("--verify", action="store_true", help="check completeness, checksums, decodability")
     parser.add_argument("--fidelity", type=int, metavar="N", help="compare N records with the live teacher")
     parser.add_argument("--show", type=int, metavar="IMAGE_ID", help="write a PNG of one cached image")
@@ -29,45 +33,72 @@ def main(argv: list[str] | None = None) -> None:
     params = params_from_args(args)
     root = Path(args.store or params.cache.path)
 
+    from stages.caching import open_reader
+    from stores.base import StoreError
     from stores.verify import store_summary, verify_store
 
-    from stages.caching import open_reader
-
+    fmt = args.format or ("zarr" if (root / "zarr").exists() or not (root / "wds").exists() else "wds")
     try:
-        reader = open_reader(root, args.format)
-    except (FileNotFoundError, ValueError) as err:
+        reader = open_reader(root, fmt)
+    except (FileNotFoundError, ValueError, StoreError) as err:
         raise SystemExit(f"error: {err}") from None
-    report: dict = {"summary": store_summary(root)}
+    report: dict = {}
+    failure = ""
+    try:
+        report["summary"] = store_summary(root, fmt=fmt, max_records=SUMMARY_RECORDS)
+    except (StoreError, ValueError, OSError) as err:  # a damaged store: --verify says where
+        report["summary"] = {"error": str(err)}
+        failure = f"cannot summarise {root}: {err}"
     if args.verify:
         result = verify_store(root, progress=True)
         report["verify"] = {"ok": result.ok, "records": result.n_records, "errors": result.errors[:50],
-                            "missing_blocks": sorted(result.missing_blocks)}
-    if args.fidelity:
-        from stages.detectors.build import load_detector
+                            "missing_blocks": sorted(result.missing_blocks), "warnings": result.warnings[:20]}
+        if not result.ok:
+            first = result.errors[0] if result.errors else "incomplete blocks"
+            failure = f"cache {root} failed verification ({len(result.errors)} errors), first: {first}"
+    try:
+        if args.fidelity:
+            report["fidelity"] = _fidelity(reader, params, args.fidelity)
+        if args.show is not None:
+            from stages.cache_show import show_record
+            from stages.data.coco import CocoDataset
 
-        from stages.data.coco import CocoDataset
-        from stages.fidelity import measure_fidelity
-        from stages.training import resolve_device
-
-        device = resolve_device(params.cache.device)
-        teacher = load_detector(params.teacher.checkpoint).to(device).eval()
-        dataset = CocoDataset(params.data.train_images, params.data.train_ann)
-        report["fidelity"] = measure_fidelity(reader, teacher, dataset, args.fidelity, device)
-    if args.show is not None:
-        from stages.cache_show import show_record
-        from stages.data.coco import CocoDataset
-
-        dataset = CocoDataset(params.data.train_images, params.data.train_ann)
-        png = Path(args.out if args.out and args.out.endswith(".png") else f"cache_{args.show}.png")
-        report["show"] = str(show_record(reader, dataset, args.show, png))
+            dataset = CocoDataset(params.data.train_images, params.data.train_ann)
+            png = Path(args.out if args.out and args.out.endswith(".png") else f"cache_{args.show}.png")
+            report["show"] = str(show_record(reader, dataset, args.show, png))
+    except (KeyError, ValueError, OSError, StoreError) as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"error: {text}") from None
     text = json.dumps(report, indent=2, default=str)
     if args.out and not args.out.endswith(".png"):
         Path(args.out).write_text(text + "\n")
     print(text)
-    if args.verify and not report["verify"]["ok"]:
-        first = report["verify"]["errors"][0] if report["verify"]["errors"] else "incomplete blocks"
-        print(f"error: cache {root} failed verification: {first}", file=sys.stderr)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
+
+
+def _fidelity(reader, params, n: int) -> dict:
+    """measure_fidelity against teacher.checkpoint, refusing a teacher or dataset other than the cache's."""
+    from stages.caching import load_teacher, teacher_model_params
+    from stages.data.coco import CocoDataset
+    from stages.fidelity import measure_fidelity
+    from stages.training import resolve_device
+    from stores.manifest import sha256_file
+
+    fp = reader.manifest.fingerprint
+    ckpt = params.teacher.checkpoint
+    arch = teacher_model_params(ckpt, params.teacher.model)
+    if sha256_file(ckpt) != fp.get("teacher_weights"):
+        raise ValueError(f"teacher.checkpoint {ckpt} is not the teacher cache {reader.root} was built from "
+                         "(weights differ): point teacher.checkpoint at that teacher to measure fidelity")
+    dataset = CocoDataset(params.data.train_images, params.data.train_ann)
+    if dataset.fingerprint() != fp.get("dataset"):
+        raise ValueError(f"data.train_* ({dataset.ann_file}) is not the dataset cache {reader.root} was built from: "
+                         "point data.train_images / train_ann at it to measure fidelity")
+    device = resolve_device(params.cache.device)
+    teacher = load_teacher(ckpt, arch, reader.manifest.meta["num_classes"]).to(device).eval()
+    return measure_fidelity(reader, teacher, dataset, n, device)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ import numpy as np  # noqa: E402
 from stages.data.coco import CocoDataset  # noqa: E402
 from stages.data.views import View  # noqa: E402
 
+SCORE_MIN = 0.3  # detections drawn: those above this score, else the FALLBACK_BOXES best
+FALLBACK_BOXES = 5
+
 
 def show_record(reader, dataset: CocoDataset, image_id: int, out_png: Path, view_key: str | None = None) -> Path:
+    """Write `out_png`: the image under the cached view with the teacher's detections (view
+    pixels, as cached) and the mean |activation| of each cached FPN level at its own extent."""
     keys = [k for k in reader.keys() if k[0] == image_id and (view_key is None or k[1] == view_key)]
     if not keys:
         raise KeyError(f"image {image_id} (view {view_key or 'any'}) is not in cache {reader.root}")
@@ -30,9 +35,12 @@ def show_record(reader, dataset: CocoDataset, image_id: int, out_png: Path, view
     ax.imshow(image)
     if "det.boxes" in arrays:
         names = {i: c["name"] for i, c in enumerate(dataset.categories)}
-        for box, score, label in zip(arrays["det.boxes"], arrays["det.scores"], arrays["det.labels"]):
-            if score < 0.3:
-                continue
+        scores = arrays["det.scores"]
+        keep = np.flatnonzero(scores >= SCORE_MIN)
+        if keep.size == 0:  # a weak (or untrained) teacher: show its best few rather than nothing
+            keep = np.argsort(-scores, kind="stable")[:FALLBACK_BOXES]
+        for i in keep:
+            box, score, label = arrays["det.boxes"][i], scores[i], arrays["det.labels"][i]
             x1, y1, x2, y2 = box
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.5))
             ax.text(x1, y1, f"{names.get(int(label), label)} {score:.2f}", color="lime", fontsize=7, va="bottom")

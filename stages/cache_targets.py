@@ -42,7 +42,13 @@ def valid_cells(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
     """Codec parts of `x` computed on x's device; the same parts as `stores.codecs.prepare`
-    (names, dtypes, rounding) so `stores.codecs.pack` frames them after the host copy."""
+    (names, dtypes, rounding: bit for bit, tests hold the two to each other) so
+    `stores.codecs.pack` frames them after the host copy. Sparse indices are int32 (int64 past
+    2**31 elements); `parts_to_numpy` makes them uint32 as `pack` expects.
+
+    int8c: [C, ...] -> q int8 [C, ...] (round half to even of x / scale) and scale float32 [C]
+    (max |x| / 127 per channel, 1 for an all-zero channel); a 0-d array is one channel.
+    """
     if chain.transform == "raw" or not x.is_floating_point():
         return {"data": x}
     x = x.float()
@@ -56,15 +62,20 @@ def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
         bits = bits + ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)  # round half to even on the mantissa
         return {"data": (bits & ~((1 << drop) - 1)).view(torch.float32)}
     if chain.transform == "int8c":
-        flat = x.reshape(x.shape[0], -1)
-        amax = flat.abs().amax(dim=1)
+        channels = x.shape[0] if x.dim() else 1
+        flat = x.reshape(channels, -1)
+        if flat.shape[1] == 0:
+            amax = flat.new_zeros(channels)
+        else:
+            amax = flat.abs().amax(dim=1)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return {"q": q.reshape(x.shape), "scale": scale}
     if chain.transform == "sparse":
         flat = x.reshape(-1)
-        idx = torch.nonzero(flat >= chain.param).flatten()
-        return {"idx": idx.to(torch.int32), "val": flat[idx].half()}
+        threshold = torch.tensor(chain.param, dtype=torch.float32, device=x.device)  # compared in float32, as numpy
+        idx = torch.nonzero(flat >= threshold).flatten()
+        return {"idx": idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64), "val": flat[idx].half()}
     if chain.transform == "u8p":
         return {"q": torch.round(x.clamp(0, 1) * 255).to(torch.uint8)}
     raise ValueError(f"unknown transform {chain.transform}")
@@ -74,6 +85,8 @@ def parts_to_numpy(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """Host copies of device parts with the dtypes `pack` expects (sparse indices are uint32)."""
     out = {k: v.cpu().numpy() for k, v in parts.items()}
     if "idx" in out:
+        if out["idx"].size and int(out["idx"][-1]) >= 2**32:
+            raise ValueError(f"sparse: index {int(out['idx'][-1])} exceeds the uint32 range of the blob format")
         out["idx"] = out["idx"].astype(np.uint32)
     return out
 

@@ -21,7 +21,8 @@ from stages.teacher_source import live_records
 
 def _proxy(live: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return live + 0.1 * live.std().clamp_min(1e-6) * torch.randn(live.shape, generator=g)
+    spread = live.std(correction=0) if live.numel() > 1 else live.abs().mean()
+    return live + 0.1 * spread.clamp_min(1e-6) * torch.randn(live.shape, generator=g)
 
 
 def _kd_loss(family: str, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,17 +36,22 @@ def _kd_loss(family: str, student: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def compare(family: str, cached: np.ndarray, live: torch.Tensor, seed: int) -> dict[str, float]:
+    """Cosine, max abs error and relative KD-loss error of one cached array against the live one."""
     c = torch.from_numpy(np.asarray(cached, dtype=np.float32)).flatten()
     t = live.detach().float().cpu().flatten()
-    if family == "cls" or family == "quality":
-        proxy = _proxy(t, seed).clamp(0, 1)
-    else:
-        proxy = _proxy(t, seed)
+    if c.shape != t.shape:
+        raise ValueError(f"{family}: cached array has {c.numel()} values, the live teacher gives {t.numel()}: "
+                         "is this the cache's teacher and dataset?")
+    if t.numel() == 0:  # e.g. an image without GTs has no candidates
+        return {"cosine": 1.0, "max_abs_error": 0.0, "rel_kd_loss_error": 0.0}
+    proxy = _proxy(t, seed)
+    if family in ("cls", "quality"):
+        proxy = proxy.clamp(0, 1)
     live_loss = _kd_loss(family, proxy, t)
     cached_loss = _kd_loss(family, proxy, c)
     return {
-        "cosine": float(F.cosine_similarity(c, t, dim=0, eps=1e-12)) if t.numel() else 1.0,
-        "max_abs_error": float((c - t).abs().max()) if t.numel() else 0.0,
+        "cosine": float(F.cosine_similarity(c, t, dim=0, eps=1e-12)),
+        "max_abs_error": float((c - t).abs().max()),
         "rel_kd_loss_error": float((cached_loss - live_loss).abs() / live_loss.abs().clamp_min(1e-12)),
     }
 
