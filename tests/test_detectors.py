@@ -136,6 +136,7 @@ def test_batch_without_any_gt(zoo, arch):
     total.backward()
 
 
+@torch.no_grad()
 def _positive_quality(det, out, targets):
     """GFL: mean IoU of positives' decoded boxes with their GT, and mean score at the GT class."""
     anchors, matched = det.matches(out, targets)

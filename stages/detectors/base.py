@@ -64,9 +64,12 @@ class Detector(nn.Module):
             labels = torch.as_tensor(t["labels"], dtype=torch.int64, device=device).reshape(-1)
             if len(boxes) != len(labels):
                 raise ValueError(f"target {i}: {len(boxes)} boxes but {len(labels)} labels")
-            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"target {i}: labels must be 0-based class indices < {self.num_classes}")
             out.append({"boxes": boxes, "labels": labels})
+        labels = torch.cat([t["labels"] for t in out]) if out else torch.zeros(0)
+        if len(labels) and not bool(
+            ((labels >= 0) & (labels < self.num_classes)).all()
+        ):  # one sync per batch
+            raise ValueError(f"target labels must be 0-based class indices < {self.num_classes}")
         return out
 
     def postprocess(self, out: DetectorOutput) -> list[dict[str, Tensor]]:
@@ -93,6 +96,9 @@ class DenseDetector(Detector):
     def __init__(self, cfg: ModelParams, num_classes: int, head_convs: int, reuse_index: int):
         super().__init__(cfg, num_classes)
         self.head_convs = head_convs
+        # CrossKD's default as the brief states it: the paper's index (3; FCOS 2) capped at the last
+        # tower layer. The official `reused_teacher_head_idx = k` hands over the pre-activation of
+        # conv k-1, i.e. `head.run_from(k - 1, ...)`: stages.distill.run_from_index does that mapping.
         self.default_reuse_index = min(reuse_index, head_convs - 1)
 
     def anchors(self, fpn: list[Tensor]) -> list[Tensor]:

@@ -101,10 +101,6 @@ class TowerHead:
     def tower_layers(self) -> tuple[list[list[nn.Module]], list[list[nn.Module]]]:
         return split_tower(self.classification_head.conv), split_tower(self.regression_head.conv)
 
-    @property
-    def num_convs(self) -> int:
-        return len(self.tower_layers()[0])
-
     @staticmethod
     def _continue(
         layers: list[list[nn.Module]], index: int, pre: Tensor, record: TowerFeatures | None
