@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.params import make_parser, params_from_args
+from stages.caching import load_teacher, teacher_model_params
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-from stages.detectors.build import load_detector
-
-from pipeline.params import make_parser, params_from_args
 from stages.evaluation import evaluate
 from stages.training import resolve_device
 
@@ -28,8 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     if not ckpt.exists():
         raise SystemExit(f"error: checkpoint {ckpt} not found; train it first (python -m pipeline.train_teacher)")
     device = resolve_device(params.train.device)
-    model = load_detector(ckpt).to(device)
     dataset = CocoDataset(params.data.val_images, params.data.val_ann)
+    # a raw torchvision-style state_dict carries no architecture: teacher.model describes it
+    arch = teacher_model_params(ckpt, params.teacher.model)
+    model = load_teacher(ckpt, arch, params.teacher.model.num_classes or dataset.num_classes).to(device)
     view = View(params.data.min_size, params.data.max_size, False)
     metrics = evaluate(model, dataset, view, params.eval.batch_size, device)
     metrics["checkpoint"] = str(ckpt)

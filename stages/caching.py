@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from stages.cache_targets import (
@@ -144,7 +143,7 @@ def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int) -> Detect
     return load_detector(checkpoint, from_dict(ModelParams, arch), num_classes)
 
 
-def _num_classes(params: Params, dataset: CocoDataset) -> int:
+def teacher_num_classes(params: Params, dataset: CocoDataset) -> int:
     return params.teacher.model.num_classes or dataset.num_classes
 
 
@@ -193,7 +192,7 @@ def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: 
     fingerprint = expected_fingerprint(params, dataset)
     plan = plan_records(dataset.image_ids, cache_views(params), params.cache.views_per_image, params.cache.seed)
     if teacher is None:
-        teacher = load_teacher(params.teacher.checkpoint, fingerprint["teacher_arch"], _num_classes(params, dataset))
+        teacher = load_teacher(params.teacher.checkpoint, fingerprint["teacher_arch"], teacher_num_classes(params, dataset))
     if not teacher.dense:
         dense = [t for t in fingerprint["targets"] if t not in ("fpn", "detections")]
         if dense:
@@ -230,7 +229,7 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
                          f"{params.cache.block_size} and {params.cache.batch_size}")
     dataset = CocoDataset(params.data.train_images, params.data.train_ann)
     arch = teacher_model_params(params.teacher.checkpoint, params.teacher.model)
-    teacher = load_teacher(params.teacher.checkpoint, arch, _num_classes(params, dataset))
+    teacher = load_teacher(params.teacher.checkpoint, arch, teacher_num_classes(params, dataset))
     manifest = build_manifest(params, dataset, teacher)
     root = Path(params.cache.path)
     if overwrite and root.exists():
@@ -324,26 +323,12 @@ def _worker_device(spec: str) -> torch.device:
     return device
 
 
-def _image_hw(dataset: CocoDataset, image_id: int) -> tuple[int, int]:
-    """(h, w) from the annotations, else from the image file's header (no decoding)."""
-    info = dataset.image_info(image_id)
-    if "height" in info and "width" in info:
-        return int(info["height"]), int(info["width"])
-    path = dataset.image_path(image_id)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except OSError as err:
-        raise ValueError(f"{path} (image id {image_id}): cannot read the image header ({err}); fix or remove it") from None
-    return h, w
-
-
 def block_batches(keys, views: dict[str, View], dataset: CocoDataset, batch_size: int) -> list[list[int]]:
     """Positions in the block's key list, grouped into batches of one padded input size."""
     groups: dict[tuple[int, int], list[int]] = {}
     for pos, (image_id, key) in enumerate(keys):
         try:
-            hw = _image_hw(dataset, image_id)
+            hw = dataset.image_size(image_id)
         except KeyError:
             raise ValueError(
                 f"cache plan has image {image_id}, which is not in {dataset.ann_file}: dataset changed? "

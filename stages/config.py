@@ -202,10 +202,9 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    """One level only: nested sections merge again in their own from_dict, while mapping-valued
+    keys (codecs, losses) are replaced whole, so a family can be left out on purpose."""
+    return {**base, **update}
 
 
 def to_dict(obj: Any) -> Any:

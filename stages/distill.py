@@ -19,15 +19,22 @@ import torch
 from torch import nn
 
 from stages.cache_targets import PER_IMAGE_TARGETS
-from stages.caching import check_cache, open_reader, teacher_head_from_cache, teacher_model_params
+from stages.caching import (
+    check_cache,
+    load_teacher,
+    open_reader,
+    teacher_head_from_cache,
+    teacher_model_params,
+    teacher_num_classes,
+)
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detector_training import to_device
-from stages.detectors.build import build_detector, checkpoint_dict, load_detector
+from stages.detectors.build import build_detector, checkpoint_dict
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.student_data import CachedViewDataset, check_padding, image_hw, view_padded_size, wds_batches
+from stages.student_data import CachedViewDataset, check_padding, view_padded_size, wds_batches
 from stages.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
 
@@ -109,10 +116,10 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
 
     teacher, reader = None, None
     if distill.teacher == "online":
-        teacher = load_detector(params.teacher.checkpoint).to(device).eval()
+        t_arch = teacher_model_params(params.teacher.checkpoint, params.teacher.model)
+        teacher = load_teacher(params.teacher.checkpoint, t_arch, teacher_num_classes(params, coco)).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        t_arch = teacher_model_params(params.teacher.checkpoint)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
         t_box_dim, t_quality = teacher.box_dim, teacher.has_quality
     else:
@@ -206,7 +213,7 @@ def _batch_source(distill, coco, views, reader, cfg, targets):
         from stages.data.batching import ViewDataset
 
         dataset = ViewDataset(coco, views, mode="all")
-        sizes = [view_padded_size(v, *image_hw(coco, i)) for i in coco.image_ids for v in views]
+        sizes = [view_padded_size(v, *coco.image_size(i)) for i in coco.image_ids for v in views]
         views_of, bucket_of = None, sizes.__getitem__
 
     def make(start: int):

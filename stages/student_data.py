@@ -26,11 +26,6 @@ def view_padded_size(view: View, h: int, w: int) -> tuple[int, int]:
     return padded_size(*view.output_size(h, w))
 
 
-def image_hw(dataset: CocoDataset, image_id: int) -> tuple[int, int]:
-    info = dataset.coco.imgs[image_id]
-    return int(info["height"]), int(info["width"])
-
-
 class CachedViewDataset(torch.utils.data.Dataset):
     """Index = image_index * V + view_index (ViewDataset 'all' layout) joined with the cache record."""
 
@@ -57,7 +52,7 @@ class CachedViewDataset(torch.utils.data.Dataset):
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         image, v = divmod(index, len(self.views))
-        return view_padded_size(self.views[v], *image_hw(self.coco, self.coco.image_ids[image]))
+        return view_padded_size(self.views[v], *self.coco.image_size(self.coco.image_ids[image]))
 
     def __getitem__(self, index: int) -> dict:
         item = self.images[index]

@@ -290,6 +290,20 @@ class CocoDataset:
         except KeyError:
             raise KeyError(f"image id {image_id} is not in {self.ann_file}") from None
 
+    def image_size(self, image_id: int) -> tuple[int, int]:
+        """(h, w) from the annotations, else from the image file's header (no decoding; COCO makes
+        width/height optional)."""
+        info = self.image_info(image_id)
+        if "height" in info and "width" in info:
+            return int(info["height"]), int(info["width"])
+        path = self.images_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except OSError as err:
+            raise CocoDataError(f"{path} (image id {image_id}): cannot read the image header ({err}); fix or remove it") from None
+        return h, w
+
     def image_path(self, image_id: int) -> Path:
         return self.images_dir / self.image_info(image_id)["file_name"]
 
