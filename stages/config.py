@@ -53,6 +53,7 @@ class ModelParams:
     fpn_channels: int = 64  # FPN width knob: 256 is the paper setting, 32-64 for CPU demos
     head_convs: int = 4  # convs per head tower (cls and reg)
     reg_max: int = 16  # GFL: bins of the box-side distribution
+    anchor_size: int = 32  # RetinaNet: P3 anchor size in px, doubling per level (torchvision: 32; 16 for tiny objects)
     num_classes: int = 0  # 0 = take it from the training annotations
     pretrained_backbone: str = ""  # optional local path to backbone weights (no downloads)
     score_thresh: float = 0.05

@@ -22,9 +22,10 @@ from stages.detectors.contract import DetectorOutput
 from stages.detectors.heads import RetinaNetDenseHead
 
 
-def retinanet_anchors() -> AnchorGenerator:
-    """torchvision's RetinaNet anchors: sizes 32..512 (3 octave scales each) x ratios 0.5, 1, 2."""
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+def retinanet_anchors(base: int = 32) -> AnchorGenerator:
+    """torchvision's RetinaNet anchors: sizes base..16*base on P3..P7 (3 octave scales each) x ratios
+    0.5, 1, 2; base 32 is torchvision's (and what its checkpoints were trained with)."""
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [base * 2**i for i in range(5)])
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
@@ -33,7 +34,7 @@ class RetinaNetDetector(DenseDetector):
 
     def __init__(self, cfg: ModelParams, num_classes: int):
         super().__init__(cfg, num_classes, cfg.head_convs, reuse_index=3)
-        self.anchor_generator = retinanet_anchors()
+        self.anchor_generator = retinanet_anchors(cfg.anchor_size)
         self.num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         self.box_dim, self.reg_max = 4, 0
         self.head = build_retinanet_head(cfg, num_classes)
