@@ -47,7 +47,7 @@ from stages.cache_targets import (
     record_meta,
 )
 from stages.config import ModelParams, Params, from_dict, to_dict
-from stages.data.batching import ViewDataset, collate, padded_size
+from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.base import Detector
@@ -334,7 +334,7 @@ def block_batches(keys, views: dict[str, View], dataset: CocoDataset, batch_size
                 f"cache plan has image {image_id}, which is not in {dataset.ann_file}: dataset changed? "
                 "rebuild the cache (python -m pipeline.cache_teacher --overwrite)"
             ) from None
-        groups.setdefault(padded_size(*views[key].output_size(*hw)), []).append(pos)
+        groups.setdefault(view_padded_size(views[key], *hw), []).append(pos)
     return [g[i : i + batch_size] for _, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from stages.config import DataParams, ModelParams, TrainParams
-from stages.data.batching import ViewDataset, collate
+from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.build import build_detector, checkpoint_dict
@@ -19,8 +19,9 @@ def train_views(data: DataParams, flip: bool) -> list[View]:
     return views + [View(data.min_size, data.max_size, True)] if flip else views
 
 
-def make_loader(dataset: ViewDataset, num_images: int, num_views: int, cfg: TrainParams, start: int):
-    sampler = EpochBatchSampler(num_images, cfg.batch_size, cfg.seed, num_views=num_views, start_step=start)
+def make_loader(dataset: ViewDataset, num_images: int, num_views: int, cfg: TrainParams, start: int, bucket_of=None):
+    sampler = EpochBatchSampler(num_images, cfg.batch_size, cfg.seed, num_views=num_views, start_step=start,
+                                bucket_of=bucket_of)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
@@ -50,6 +51,8 @@ def train_detector(
     model = build_detector(model_cfg, num_classes).to(device)
     views = train_views(data, train_cfg.flip)
     dataset = ViewDataset(coco, views, mode="all")
+    # one padded size per batch: no compute spent on padding portrait images to landscape ones
+    sizes = [view_padded_size(v, *coco.image_size(i)) for i in coco.image_ids for v in views]
 
     def step_loss(batch):
         images, targets = to_device(batch, device)
@@ -61,7 +64,7 @@ def train_detector(
     train_loop(
         modules={"model": model},
         step_loss=step_loss,
-        make_batches=lambda start: make_loader(dataset, len(coco), len(views), train_cfg, start),
+        make_batches=lambda start: make_loader(dataset, len(coco), len(views), train_cfg, start, sizes.__getitem__),
         cfg=train_cfg,
         out_dir=checkpoint.parent,
         checkpoint_meta=meta,

@@ -28,13 +28,14 @@ from stages.caching import (
     teacher_num_classes,
 )
 from stages.config import DistillParams, Params, from_dict, to_dict
+from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detector_training import to_device
 from stages.detectors.build import build_detector, checkpoint_dict
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.student_data import CachedViewDataset, check_padding, view_padded_size, wds_batches
+from stages.student_data import CachedViewDataset, check_padding, wds_batches
 from stages.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
 
@@ -210,15 +211,11 @@ def _batch_source(distill, coco, views, reader, cfg, targets):
         dataset = CachedViewDataset(coco, views, reader, targets)
         views_of, bucket_of = dataset.views_of, dataset.bucket_of
     else:
-        from stages.data.batching import ViewDataset
-
         dataset = ViewDataset(coco, views, mode="all")
         sizes = [view_padded_size(v, *coco.image_size(i)) for i in coco.image_ids for v in views]
         views_of, bucket_of = None, sizes.__getitem__
 
     def make(start: int):
-        from stages.data.batching import collate
-
         sampler = EpochBatchSampler(len(coco), cfg.batch_size, cfg.seed, num_views=len(views), start_step=start,
                                     views_of=views_of, bucket_of=bucket_of, **_ddp_rank())
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,

@@ -16,14 +16,9 @@ from collections.abc import Iterator
 import torch
 import webdataset as wds
 
-from stages.data.batching import ViewDataset, collate, padded_size
+from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-
-
-def view_padded_size(view: View, h: int, w: int) -> tuple[int, int]:
-    """The padded input size of an (h, w) image under `view`: its own size rounded up to the largest stride."""
-    return padded_size(*view.output_size(h, w))
 
 
 class CachedViewDataset(torch.utils.data.Dataset):

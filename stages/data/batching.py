@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 
-__all__ = ["SIZE_DIVISOR", "ViewDataset", "collate", "image_to_tensor", "pad_batch"]
+__all__ = ["SIZE_DIVISOR", "ViewDataset", "collate", "image_to_tensor", "pad_batch", "view_padded_size"]
 
 SIZE_DIVISOR = 128  # largest FPN stride (P7): every batch is padded to a multiple of it
 
@@ -33,6 +33,12 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 def padded_size(h: int, w: int, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
     """(h, w) rounded up to multiples of `divisor`."""
     return -(-h // divisor) * divisor, -(-w // divisor) * divisor
+
+
+def view_padded_size(view: View, h: int, w: int) -> tuple[int, int]:
+    """The padded input size of an (h, w) image under `view`: its own output size rounded up to
+    the largest stride. Batches that keep to one such size show each image exactly as stage 1 did."""
+    return padded_size(*view.output_size(h, w))
 
 
 def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
