@@ -24,8 +24,9 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest
 
+# benchmarks (bench/README.md); e.g. make bench BENCH_ARGS="--scale real" on a GPU machine
 bench: setup
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf data runs cache report.md report

@@ -6,7 +6,7 @@ the `distill` section is used as is. Loss names: mse, cosine, cskd, ssim, crossk
 losses = the no-KD baseline. Writes <student.out_dir>/<NAME>/: model.pt, last.pt (resume),
 train_log.csv (per-step losses, for dvc plots) and metrics.json (COCO AP on data.val_*).
 
-Offline runs never load the teacher: they read `cache.path` and refuse a cache whose manifest
+Offline runs never run the teacher: they read `cache.path` and refuse a cache whose manifest
 does not match these params (teacher, dataset, views, targets, codecs).
 Multi-GPU: torchrun --nproc_per_node N -m pipeline.train_student ... shards batches by rank.
 """

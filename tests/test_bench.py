@@ -1,0 +1,174 @@
+"""bench/: the timing helper, the result files and summary, the cost model, synthetic targets and
+stores, and the codec measurements (tiny inputs; the benchmarks themselves run with `make bench`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import common, loader, n_experiments, rate_distortion, summary, synth_targets
+
+
+def test_interleaved_alternates_order_skips_warmup_and_sums_parts():
+    calls = []
+    fixed = {"a": 1.0, "b": {"x": 2.0, "y": 0.5}}
+
+    def side(name):
+        def run():
+            calls.append(name)
+            return fixed[name]
+
+        return run
+
+    timing = common.interleaved({"a": side("a"), "b": side("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up round, then alternating
+    assert timing["order"] == [["b", "a"], ["a", "b"], ["b", "a"]]
+    assert timing["seconds"] == {"a": [1.0] * 3, "b": [2.5] * 3}
+    assert timing["parts"]["b"] == {"x": [2.0] * 3, "y": [0.5] * 3}
+    assert timing["median_s"] == {"a": 1.0, "b": 2.5}
+    assert common.paired_ratio(timing, "b", "a") == 2.5
+    assert common.paired_ratio(timing, "b", "b", part="y") == 1.0
+    with pytest.raises(ValueError, match="rounds"):
+        common.interleaved({"a": side("a")}, rounds=0)
+
+
+def test_interleaved_times_sides_that_return_nothing():
+    timing = common.interleaved({"a": lambda: None}, rounds=2, warmup=0)
+    assert len(timing["seconds"]["a"]) == 2 and all(t >= 0 for t in timing["seconds"]["a"])
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    timing = {"seconds": {"a": [1.0, 10.0, 3.0], "b": [2.0, 10.0, 2.0]}}
+    assert common.paired_ratio(timing, "a", "b") == 1.0  # ratios 0.5, 1.0, 1.5
+
+
+def test_settings_reject_bad_options_with_a_clear_message():
+    parser = common.make_parser("x", "")
+    with pytest.raises(SystemExit, match="faster_rcnn"):
+        common.settings_from(parser.parse_args(["--archs", "faster_rcnn"]), [])
+    with pytest.raises(SystemExit, match="cannot fill one batch"):
+        common.settings_from(parser.parse_args(["--images", "2", "--batch", "4"]), [])
+    s = common.settings_from(parser.parse_args(["--rounds", "1", "--workdir", "/tmp/w"]), ["--rounds", "1",
+                                                                                          "--workdir", "/tmp/w"])
+    assert s.reduced and s.argv == ("--rounds", "1") and s.archs == ("retinanet",)
+    real = common.settings_from(parser.parse_args(["--scale", "real"]), [])
+    assert not real.reduced and real.archs == ("retinanet", "gfl") and real.scale.view == (800, 1333)
+
+
+def test_dump_json_round_trips_and_keeps_number_lists_on_one_line():
+    data = {"a": [1, 2.5, "x"], "b": {"c": [[1, 2], {"d": None}], "e": {}}, "f": []}
+    text = common.dump_json(data)
+    assert json.loads(text) == data
+    assert '"a": [1, 2.5, "x"]' in text
+
+
+def test_fmt():
+    assert common.fmt(1234.4) == "1,234"
+    assert common.fmt(0.5) == "0.5" and common.fmt(float("nan")) == "–" and common.fmt(None) == "–"
+    assert common.fmt(3e-5) == "3.00e-05" and common.fmt(12) == "12"
+
+
+def test_cost_model_totals_and_break_even():
+    t = n_experiments.totals(cache_s=100.0, step_off=1.0, step_on=2.0, device_steps=10, ns=(1, 20))
+    assert t["per_n"]["1"] == {"cached_s": 110.0, "online_s": 20.0, "online_over_cached": 20.0 / 110.0}
+    assert t["per_n"]["20"]["online_over_cached"] == pytest.approx(400.0 / 300.0)
+    assert t["break_even_n"] == pytest.approx(10.0)
+    assert math.isinf(n_experiments.totals(1.0, 2.0, 1.0, 10)["break_even_n"])  # online never loses
+
+
+def test_schedules_come_from_the_profiles():
+    small = n_experiments.schedule("small")
+    assert small["profile"] == "params.yaml" and small["devices"] == 1
+    assert small["records"] == small["images"] * small["views"] and small["steps"] > 0
+    real = n_experiments.schedule("real")
+    assert real["images"] == n_experiments.COCO_TRAIN2017_IMAGES and real["devices"] == 8
+
+
+def test_n_experiments_needs_its_inputs(tmp_path):
+    args = common.make_parser("n_experiments", "").parse_args(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cache_throughput.json not found"):
+        n_experiments.compute(common.settings_from(args, []))
+
+
+def _fake_result(name: str, results: dict) -> dict:
+    return {
+        "benchmark": name, "created": "2026-01-01T00:00:00Z", "wall_s": 1.0,
+        "machine": {"cpu_model": "cpu", "cpu_cores": 2, "gpu": None, "device": "cpu", "torch": "2",
+                    "torch_threads": 1, "load_average_1m": 0.5, "git_commit": "abc"},
+        "scale": {"name": "small", "note": "n", "rounds": 1, "reduced": True},
+        "results": results,
+    }
+
+
+def test_summary_is_built_from_the_json_files_and_survives_a_bad_one(tmp_path):
+    t = n_experiments.totals(60.0, 1.0, 2.0, 10, ns=(1, 5))
+    results = {"schedule": {"profile": "params.yaml", "records": 4, "images": 2, "views": 2, "steps": 10,
+                            "devices": 1, "batch_size": 2},
+               "archs": {"retinanet": {"cache_s": 60.0, "methods": {"cskd": t}}}}
+    (tmp_path / "n_experiments.json").write_text(json.dumps(_fake_result("n_experiments", results)))
+    (tmp_path / "loader.json").write_text(json.dumps({"benchmark": "loader"}))  # an older layout
+    text = (summary.write_summary(tmp_path)).read_text()
+    assert "## Total compute for N students" in text and "break-even N: cskd 6.00" in text
+    assert "reduced smoke run" in text
+    assert "cannot summarise loader.json" in text
+    assert summary.result_files(tmp_path, "loader") == [tmp_path / "loader.json"]
+
+
+def test_synthetic_targets_have_the_documented_shapes_and_sparsity():
+    assert synth_targets.level_sizes(800, 1344) == [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+    rng = np.random.default_rng(0)
+    p = synth_targets.class_probs(rng, (720, 50, 84))
+    assert p.dtype == np.float32 and 0 < p.min() and p.max() < 1
+    assert 0.018 < float((p >= 0.01).mean()) < 0.028  # ~2.3% by construction
+    rec = synth_targets.retinanet_record(np.random.default_rng(0), (128, 160), fpn_channels=8, num_classes=3)
+    assert rec["fpn.0"].shape == (8, 16, 20) and rec["cls.4"].shape == (27, 1, 2) and rec["box.2"].shape == (36, 4, 5)
+    again = synth_targets.retinanet_record(np.random.default_rng(0), (128, 160), fpn_channels=8, num_classes=3)
+    assert all(np.array_equal(rec[k], again[k]) for k in rec)
+
+
+def test_synthetic_store_reads_back_the_same_records_from_both_formats(tmp_path):
+    root = loader.synthetic_store(tmp_path / "s", records=3, hw=(128, 160), fpn_channels=8, num_classes=2)
+    from stores import open_reader
+
+    z, w = open_reader(root, "zarr"), open_reader(root, "wds")
+    assert len(z.keys()) == 3 and len(w.shard_paths()) == 2  # blocks of BIG_BLOCK = 2
+    image_id, view = z.keys()[2]
+    a, b = z.get(image_id, view), w.get(image_id, view)
+    assert sorted(a.arrays) == sorted(b.arrays) and len(a.arrays) == 15
+    assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    settings = common.settings_from(common.make_parser("loader", "").parse_args(["--rounds", "1"]), [])
+    res = loader.measure_store(root, settings)
+    assert res["records"] == 3 and set(res["records_per_s"]) == {"zarr", "wds", "zarr fpn-only", "wds fpn-only"}
+    assert res["decoded_fpn_mb_per_record"] < res["decoded_mb_per_record"]
+
+
+def test_codec_measurements_are_exact_for_raw_and_bounded_for_lossy():
+    rng = np.random.default_rng(0)
+    records = [[(f"fpn.{lv}", synth_targets.smooth_maps(rng, 4, 6, 8)) for lv in range(2)] for _ in range(2)]
+    res = rate_distortion.measure_family(records, ["raw+none", "fp16+zstd", "int8c+zstd"], rounds=1)
+    raw, fp16, int8 = (res["chains"][c] for c in ("raw+none", "fp16+zstd", "int8c+zstd"))
+    assert raw["max_abs_error"] == 0 and raw["cosine_mean"] == 1.0
+    assert res["raw_kb_per_image"] == pytest.approx(2 * 4 * 6 * 8 * 4 / 1e3)
+    assert 0 < fp16["max_abs_error"] <= fp16["live_abs_max"] * 2**-11
+    assert 0 < int8["max_abs_error"] <= int8["live_abs_max"] / 254 + 1e-7 and int8["cosine_mean"] > 0.999
+    assert int8["kb_per_image"] < raw["kb_per_image"] and all(r["encode_mb_s"] > 0 for r in res["chains"].values())
+    assert rate_distortion.applicable("cls", "sparse0.01+zstd") and not rate_distortion.applicable("fpn", "u8p+zstd")
+
+
+def test_benchmark_dataset_keeps_images_of_one_padded_size(tmp_path):
+    from bench.fixtures import make_dataset, scale_views
+    from stages.data.batching import view_padded_size
+    from stages.data.coco import CocoDataset
+
+    scale = common.SCALES["small"]
+    images, ann, padded = make_dataset(tmp_path, scale, num_images=4)
+    coco = CocoDataset(images, ann)
+    assert len(coco) == 4
+    sizes = {view_padded_size(v, *coco.image_size(i)) for i in coco.image_ids for v in scale_views(scale)}
+    assert sizes == {padded}
+    data = json.loads(ann.read_text())
+    assert {a["image_id"] for a in data["annotations"]} <= set(coco.image_ids)
+    assert make_dataset(tmp_path, scale, num_images=4) == (images, ann, padded)  # reused, not regenerated
