@@ -118,7 +118,7 @@ class CacheParams:
     )
     # codec chain per target, e.g. "fp16+zstd", "int8c+zstd", "bitround7+zstd", "sparse0.01+zstd"
     codecs: dict[str, str] = field(
-        default_factory=lambda: {"fpn": "int8c+zstd", "cls": "sparse0.01+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
+        default_factory=lambda: {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
     )
     batch_size: int = 4
     loader_workers: int = 0
