@@ -128,7 +128,9 @@ def tiny_teacher(tmp_path_factory, tiny_coco) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_coco, tiny_teacher) -> Params:
-    params = tiny_params(tiny_coco, tiny_teacher, tmp_path_factory.mktemp("tiny_cache"))
+    # explicit lossy chains: the fidelity tests check each one's known error bound (sparse's is exact)
+    codecs = {"fpn": "int8c+zstd", "cls": "sparse0.01+zstd", "box": "fp16+zstd"}
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path_factory.mktemp("tiny_cache"), codecs=codecs)
     build_cache(params)
     return params
 

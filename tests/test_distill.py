@@ -9,41 +9,24 @@ import pytest
 import torch
 
 from stages.caching import open_reader, run_cache
-from stages.config import CacheParams, DataParams, ModelParams, Params, TeacherParams, TrainParams, ViewParams
+from stages.config import Params, ViewParams
 from stages.detector_training import train_detector
 from stages.distill import build_run, train_student
 from stages.training import train_loop
 from stores.manifest import CacheMismatchError
+from tests.cache_fixtures import tiny_params
 
 LOSSES = {"mse": 1.0, "cosine": 1.0, "cskd": 1.0, "ssim": 2.0, "crosskd": 1.0, "rm": 4.0, "pfi": 1.5}
-
-
-def tiny_params(tiny_coco, root, codecs) -> Params:
-    train = TrainParams(steps=2, batch_size=2, warmup_steps=1, log_every=1, ckpt_every=1, lr=0.001, optimizer="adamw")
-    teacher_model = ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=16, head_convs=2)
-    return Params(
-        data=DataParams(
-            train_images=str(tiny_coco.train_images), train_ann=str(tiny_coco.train_ann),
-            val_images=str(tiny_coco.val_images), val_ann=str(tiny_coco.val_ann), min_size=96, max_size=128,
-        ),
-        teacher=TeacherParams(model=teacher_model, checkpoint=str(root / "teacher" / "model.pt"), train=train),
-        student=replace(Params().student, model=replace(teacher_model, fpn_channels=8), out_dir=str(root / "students")),
-        cache=CacheParams(
-            path=str(root / "cache"), format="both",
-            views=[ViewParams(96, 128, False), ViewParams(96, 128, True)],
-            codecs=codecs, batch_size=4, block_size=8,
-        ),
-        train=train,
-    )
 
 
 @pytest.fixture(scope="module")
 def lossless(tiny_coco, tmp_path_factory) -> Params:
     """A tiny trained-for-2-steps teacher and a lossless (raw) cache of it."""
     root = tmp_path_factory.mktemp("distill")
-    params = tiny_params(tiny_coco, root, {f: "raw+none" for f in ("fpn", "cls", "box", "quality")})
-    train_detector(params.teacher.model, params.teacher.train, params.data, root / "teacher" / "model.pt", {},
-                   progress=False)
+    checkpoint = root / "teacher" / "model.pt"
+    params = tiny_params(tiny_coco, checkpoint, root, codecs={f: "raw+none" for f in ("fpn", "cls", "box", "quality")})
+    # a teacher that took two real steps, so its predictions are not the initial prior everywhere
+    train_detector(params.teacher.model, params.teacher.train, params.data, checkpoint, {}, progress=False)
     run_cache(params, progress=False)
     return params
 
