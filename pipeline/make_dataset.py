@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_val=cfg.num_val,
             min_side=cfg.min_side,
             max_side=cfg.max_side,
+            min_object=cfg.min_object,
             progress=True,
         )
     except ValueError as err:

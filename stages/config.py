@@ -28,6 +28,7 @@ class SyntheticParams:
     num_val: int = 60
     min_side: int = 128  # image sides are drawn from [min_side, max_side]
     max_side: int = 224
+    min_object: float = 8.0  # smallest annotated object extent in px: 8 is hard; 16 suits a short CPU demo
 
 
 @dataclass(frozen=True)

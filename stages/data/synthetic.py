@@ -246,13 +246,15 @@ def _object_colour_field(o: _Obj, pu, pv, rng) -> np.ndarray:
     return col
 
 
-def _random_obj(cls: int, h: int, w: int, rng: np.random.Generator, small_bias: bool = True) -> _Obj:
+def _random_obj(
+    cls: int, h: int, w: int, rng: np.random.Generator, small_bias: bool = True, min_object: float = MIN_OBJECT
+) -> _Obj:
     short = min(h, w)
-    hi = max(MIN_OBJECT + 1, MAX_OBJECT_FRAC * short)
+    hi = max(min_object + 1, MAX_OBJECT_FRAC * short)
     if small_bias and rng.random() < 0.4:
-        size = rng.uniform(MIN_OBJECT, min(26.0, hi))
+        size = rng.uniform(min_object, min(max(26.0, 2 * min_object), hi))
     else:
-        size = math.exp(rng.uniform(math.log(MIN_OBJECT), math.log(hi)))
+        size = math.exp(rng.uniform(math.log(min_object), math.log(hi)))
     aspect = math.exp(rng.uniform(-0.3, 0.3))
     ax, ay = math.sqrt(aspect), 1 / math.sqrt(aspect)
     radius = size / 2 / max(ax, ay)  # the longer axis spans ~size
@@ -330,8 +332,13 @@ def _draw_lines(img: np.ndarray, rng: np.random.Generator, n: int) -> None:
         _paint(img, (by0, by1, bx0, bx1), alpha, colour[None, None])
 
 
-def render_image(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
-    """One image [h, w, 3] uint8 and its objects [{'category_id', 'bbox' [x,y,w,h], 'area'}]."""
+def render_image(
+    h: int, w: int, rng: np.random.Generator, min_object: float = MIN_OBJECT
+) -> tuple[np.ndarray, list[dict]]:
+    """One image [h, w, 3] uint8 and its objects [{'category_id', 'bbox' [x,y,w,h], 'area'}].
+
+    `min_object`: smallest annotated object extent in px (the difficulty knob: 8 is hard, 16 is
+    what a short CPU demo can learn)."""
     img = _background(h, w, rng)
     _draw_distractors(
         img,
@@ -349,7 +356,7 @@ def render_image(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     for _ in range(n_target):
         cls = int(rng.integers(len(CLASSES)))
         for _attempt in range(12):
-            o = _random_obj(cls, h, w, rng)
+            o = _random_obj(cls, h, w, rng, min_object=min_object)
             fr = _frame(o, h, w)
             if fr is None:
                 continue
@@ -402,7 +409,9 @@ def render_image(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------- dataset
-def _split_dataset(split: str, n: int, out_dir: Path, seed: int, min_side: int, max_side: int, bar) -> dict:
+def _split_dataset(
+    split: str, n: int, out_dir: Path, seed: int, min_side: int, max_side: int, bar, min_object: float = MIN_OBJECT
+) -> dict:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -411,7 +420,7 @@ def _split_dataset(split: str, n: int, out_dir: Path, seed: int, min_side: int, 
         rng = np.random.default_rng([seed, _SPLITS[split], k])
         h = int(rng.integers(min_side, max_side + 1))
         w = int(rng.integers(min_side, max_side + 1))
-        pixels, objects = render_image(h, w, rng)
+        pixels, objects = render_image(h, w, rng, min_object)
         image_id = k + 1
         file_name = f"{image_id:06d}.png"
         tmp = img_dir / f".{file_name}.tmp"
@@ -447,6 +456,7 @@ def generate(
     min_side: int = 128,
     max_side: int = 224,
     progress: bool = True,
+    min_object: float = MIN_OBJECT,
 ) -> dict:
     """Write out_dir/{train,val}/*.png and out_dir/annotations/instances_{train,val}.json.
 
@@ -456,6 +466,8 @@ def generate(
     """
     if not (isinstance(min_side, int) and isinstance(max_side, int)) or min_side < 48 or max_side < min_side:
         raise ValueError(f"need 48 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
+    if not MIN_OBJECT / 2 <= min_object <= 0.5 * min_side:
+        raise ValueError(f"need {MIN_OBJECT / 2} <= min_object <= min_side / 2, got {min_object}")
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
     out = Path(out_dir)
@@ -467,7 +479,7 @@ def generate(
         bar = tqdm(total=num_train + num_val, desc=f"synthetic -> {out}", unit="img")
     try:
         splits = {
-            split: _split_dataset(split, n, out, seed, min_side, max_side, bar)
+            split: _split_dataset(split, n, out, seed, min_side, max_side, bar, min_object)
             for split, n in (("train", num_train), ("val", num_val))
         }
     finally:
