@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,16 +27,12 @@ import torch
 from bench.common import (
     Settings,
     interleaved,
-    make_parser,
     median,
     paired_ratio,
     print_table,
-    settings_from,
-    setup_torch,
-    workdir,
     write_result,
 )
-from bench.fixtures import Fixture, fixture
+from bench.fixtures import Fixture, measure_archs
 from stages.caching import CacheJob, _loader, block_batches, cache_blocks, prepare_store
 from stages.data.batching import ViewDataset
 from stages.data.coco import CocoDataset
@@ -138,16 +133,7 @@ def summary_md(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = make_parser(NAME, __doc__).parse_args(argv)
-    settings = settings_from(args, argv)
-    env = setup_torch(settings)
-    device = torch.device(env["device"])
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {"archs": {}}
-    with workdir(settings) as work:
-        for arch in settings.archs:
-            fix = fixture(Path(work), settings.scale, arch, settings.images, settings.batch)
-            out["archs"][arch] = measure_arch(fix, settings, device)
+    settings, env, out, t0 = measure_archs(NAME, __doc__, argv, measure_arch)
     rows = [[a, r["records_per_s"]["teacher"], r["records_per_s"]["teacher+det"], r["records_per_s"]["caching"],
              r["ratio_caching_vs_teacher"], r["ratio_caching_vs_teacher_det"]] for a, r in out["archs"].items()]
     print_table(f"{NAME} ({settings.scale.name}, {env['device']})",

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -145,3 +147,22 @@ def built_cache(fix: Fixture, name: str = "cache") -> Path:
     path = fix.root / name
     run_cache(fix.params(path), progress=False)  # resumes: a complete cache is left untouched
     return path
+
+
+def measure_archs(name: str, description: str, argv, measure) -> tuple[Any, dict, dict, float]:
+    """The shared frame of the per-arch benchmarks: parse args, set torch up, build each arch's
+    fixture in the work folder and call measure(fixture, settings, device).
+    Returns (settings, env, {'archs': {arch: result}}, start time)."""
+    from bench.common import make_parser, settings_from, setup_torch, workdir
+
+    args = make_parser(name, description).parse_args(argv)
+    settings = settings_from(args, argv)
+    env = setup_torch(settings)
+    device = torch.device(env["device"])
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"archs": {}}
+    with workdir(settings) as work:
+        for arch in settings.archs:
+            fix = fixture(Path(work), settings.scale, arch, settings.images, settings.batch)
+            out["archs"][arch] = measure(fix, settings, device)
+    return settings, env, out, t0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,16 +34,12 @@ import torch
 
 from bench.common import (
     Settings,
-    make_parser,
     md_table,
     median,
     print_table,
-    settings_from,
-    setup_torch,
-    workdir,
     write_result,
 )
-from bench.fixtures import CACHE_CODECS, Fixture, fixture
+from bench.fixtures import CACHE_CODECS, Fixture, measure_archs
 from bench.synth_targets import class_probs
 from stages.caching import block_batches, plan_records
 from stages.config import DistillParams
@@ -269,16 +264,7 @@ def summary_md(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = make_parser(NAME, __doc__).parse_args(argv)
-    settings = settings_from(args, argv)
-    env = setup_torch(settings)
-    device = torch.device(env["device"])
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {"archs": {}}
-    with workdir(settings) as work:
-        for arch in settings.archs:
-            fix = fixture(Path(work), settings.scale, arch, settings.images, settings.batch)
-            out["archs"][arch] = measure_arch(fix, settings, device)
+    settings, env, out, t0 = measure_archs(NAME, __doc__, argv, measure_arch)
     for arch, r in out["archs"].items():
         for family, f in r["families"].items():
             rows = [[c, v["kb_per_image"], v["encode_mb_s"], v["decode_mb_s"], v["cosine_mean"], v["max_abs_error"],

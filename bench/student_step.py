@@ -27,17 +27,13 @@ import torch
 from bench.common import (
     Settings,
     interleaved,
-    make_parser,
     md_table,
     median,
     paired_ratio,
     print_table,
-    settings_from,
-    setup_torch,
-    workdir,
     write_result,
 )
-from bench.fixtures import Fixture, built_cache, fixture
+from bench.fixtures import Fixture, built_cache, measure_archs
 from stages.distill import build_run
 from stages.training import make_optimizer
 
@@ -114,16 +110,7 @@ def summary_md(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = make_parser(NAME, __doc__).parse_args(argv)
-    settings = settings_from(args, argv)
-    env = setup_torch(settings)
-    device = torch.device(env["device"])
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {"archs": {}}
-    with workdir(settings) as work:
-        for arch in settings.archs:
-            fix = fixture(Path(work), settings.scale, arch, settings.images, settings.batch)
-            out["archs"][arch] = measure_arch(fix, settings, device)
+    settings, env, out, t0 = measure_archs(NAME, __doc__, argv, measure_arch)
     for arch, r in out["archs"].items():
         print_table(f"{NAME} {arch} ({settings.scale.name}, {env['device']})", ["side", "s/step", "data s", "compute s"],
                     [[n, s["total"], s["data"], s["compute"]] for n, s in r["step_s"].items()])
