@@ -56,3 +56,9 @@ def test_to_dict_round_trip_and_parser():
 def test_repo_params_yaml_loads():
     p = load_params(ROOT / "params.yaml")
     assert p.experiments, "params.yaml lists the demo's student experiments"
+
+
+def test_coco_profile_loads():
+    p = load_params(ROOT / "profiles" / "coco.yaml")
+    assert (p.data.min_size, p.data.max_size) == (800, 1333) and p.cache.views[1].flip
+    assert p.teacher.model.backbone == "resnet50" and p.student.model.backbone == "resnet18"
