@@ -51,6 +51,9 @@ STUDENT_MODEL = ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=
 # the second view is larger and flipped: its non-square images pad to 128x256 / 256x128, so the
 # blocks hold batches of several padded sizes
 VIEWS = [VP(96, 128, False), VP(112, 160, True)]
+# explicit lossy chains (not the project defaults): the fidelity tests check each one's known error
+# bound, sparse's exactly
+TINY_CODECS = {"fpn": "int8c+zstd", "cls": "sparse0.01+zstd", "box": "fp16+zstd"}
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -67,6 +70,7 @@ def torch_threads(n: int):
 def tiny_params(tiny_coco, checkpoint: str | Path, root: str | Path, **cache) -> Params:
     """Params over `tiny_coco`, teacher `checkpoint` and cache folder `root / "cache"`."""
     root = Path(root)
+    cache.setdefault("codecs", TINY_CODECS)
     train = TrainParams(steps=2, batch_size=2, warmup_steps=1, log_every=1, ckpt_every=1, lr=0.001, optimizer="adamw")
     cache_cfg = replace(
         CacheParams(path=str(root / "cache"), format="both", views=list(VIEWS), batch_size=4, block_size=4,
@@ -128,9 +132,7 @@ def tiny_teacher(tmp_path_factory, tiny_coco) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_coco, tiny_teacher) -> Params:
-    # explicit lossy chains: the fidelity tests check each one's known error bound (sparse's is exact)
-    codecs = {"fpn": "int8c+zstd", "cls": "sparse0.01+zstd", "box": "fp16+zstd"}
-    params = tiny_params(tiny_coco, tiny_teacher, tmp_path_factory.mktemp("tiny_cache"), codecs=codecs)
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path_factory.mktemp("tiny_cache"))
     build_cache(params)
     return params
 

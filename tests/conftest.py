@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tiny tensors: one thread is faster than two (no sync cost) and makes float results independent of
+# the machine's core count; subprocesses (dvc stages, killed cache runs) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 from pathlib import Path
 from typing import NamedTuple
 
