@@ -23,15 +23,17 @@ from typing import Any
 import torch
 
 from bench.common import Scale
+from pipeline.params import load_params
 from stages.config import ModelParams, Params, from_dict, to_dict
 from stages.data.batching import view_padded_size
 from stages.data.synthetic import generate
 from stages.data.views import View
 from stages.detectors.build import build_detector, checkpoint_dict
 
-# params.yaml's demo choices: what a cache built by `make demo` holds
-CACHE_TARGETS = ["fpn", "cls", "box", "detections", "candidates", "tower_stats", "head"]
-CACHE_CODECS = {"fpn": "int8c+zstd", "cls": "sparse0.01+zstd", "box": "fp16+zstd"}
+# params.yaml's demo choices, read from it: what a cache built by `make demo` holds
+_DEMO = load_params(Path(__file__).resolve().parents[1] / "params.yaml").cache
+CACHE_TARGETS = list(_DEMO.targets)
+CACHE_CODECS = dict(_DEMO.codecs)
 
 
 @dataclass(frozen=True)
