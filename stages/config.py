@@ -146,7 +146,9 @@ class SSIMParams:
 
 @dataclass(frozen=True)
 class CrossKDParams:
-    reuse_index: int = -1  # -1 = the paper default (3; 2 for FCOS), clamped to the tower depth
+    # paper numbering (official `reused_teacher_head_idx`): the student's first N tower convs feed the
+    # teacher head; -1 = the paper default (3; 2 for FCOS), clamped to the tower depth
+    reuse_index: int = -1
 
 
 @dataclass(frozen=True)

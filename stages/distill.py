@@ -32,6 +32,7 @@ from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detector_training import to_device
+from stages.detectors.base import crosskd_run_from_index
 from stages.detectors.build import build_detector, checkpoint_dict
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
@@ -80,14 +81,10 @@ def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: 
 
 
 def run_from_index(distill: DistillParams, teacher_arch: str, head_convs: int) -> int:
-    """CrossKD's reuse index in the paper's numbering -> our 0-based `run_from` index.
-
-    The paper's index N (3; 2 for FCOS) means: the student's first N tower convs produce the
-    pre-activation that replaces the teacher's conv N output; the teacher head continues from
-    there. In `run_from` numbering that is layer N - 1, clamped to the tower depth.
-    """
+    """The `run_from` layer for CrossKD: `distill.crosskd.reuse_index` in the paper's numbering,
+    or the paper's default for the teacher's arch (3; 2 for FCOS) when it is -1."""
     paper = distill.crosskd.reuse_index if distill.crosskd.reuse_index > 0 else (2 if teacher_arch == "fcos" else 3)
-    return max(0, min(paper, head_convs) - 1)
+    return crosskd_run_from_index(paper, head_convs)
 
 
 @dataclass

@@ -442,7 +442,7 @@ def test_resnet50_build_only():
     det = build_detector(ModelParams(arch="gfl", backbone="resnet50", fpn_channels=64, head_convs=4), K)
     fpn = det.backbone.fpn
     assert [b[0].in_channels for b in fpn.inner_blocks] == [512, 1024, 2048]
-    assert det.head_convs == 4 and det.default_reuse_index == 3
+    assert det.head_convs == 4 and det.default_reuse_index == 2  # paper's 3: run_from(2)
     assert not any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in det.modules())
 
 

@@ -79,6 +79,16 @@ class Detector(nn.Module):
         raise TypeError(f"{self.arch} is not a dense detector: it has no per-anchor candidates")
 
 
+def crosskd_run_from_index(paper_index: int, head_convs: int) -> int:
+    """CrossKD's reuse index in the paper's numbering -> the 0-based `head.run_from` layer.
+
+    The official `reused_teacher_head_idx = k` hands the pre-activation output of the student's
+    k-th tower conv to the teacher head, which continues from there: `run_from(k - 1, ...)`,
+    clamped to the tower depth.
+    """
+    return max(0, min(paper_index, head_convs) - 1)
+
+
 def as_sizes(image_sizes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in image_sizes]
 
@@ -96,10 +106,8 @@ class DenseDetector(Detector):
     def __init__(self, cfg: ModelParams, num_classes: int, head_convs: int, reuse_index: int):
         super().__init__(cfg, num_classes)
         self.head_convs = head_convs
-        # CrossKD's default as the brief states it: the paper's index (3; FCOS 2) capped at the last
-        # tower layer. The official `reused_teacher_head_idx = k` hands over the pre-activation of
-        # conv k-1, i.e. `head.run_from(k - 1, ...)`: stages.distill.run_from_index does that mapping.
-        self.default_reuse_index = min(reuse_index, head_convs - 1)
+        self.paper_reuse_index = reuse_index  # CrossKD's `reused_teacher_head_idx` default (3; FCOS 2)
+        self.default_reuse_index = crosskd_run_from_index(reuse_index, head_convs)
 
     def anchors(self, fpn: list[Tensor]) -> list[Tensor]:
         """Per level [H_l*W_l*A, 4] xyxy, (y, x, anchor) order: the contract's flattened index space."""
