@@ -140,14 +140,25 @@ def _plot_ap(rows, teacher, png: Path) -> None:
 
 
 def _plot_curves(logs: dict[str, list[dict[str, float]]], png: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, rows in logs.items():
-        if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("total loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    """Two panels: the GT detection loss (comparable across students) and the KD terms' sum."""
+    fig, (det_ax, kd_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, (name, rows) in enumerate(logs.items()):
+        if not rows:
+            continue
+        color = f"C{i % 10}"  # the same colour for a student in both panels
+        steps = [r["step"] for r in rows]
+        det = [sum(v for k, v in r.items() if k not in _LOG_META and "/" not in k) for r in rows]
+        kd = [sum(v for k, v in r.items() if "/" in k) for r in rows]
+        det_ax.plot(steps, det, label=name, color=color)
+        if any(kd):
+            kd_ax.plot(steps, kd, label=name, color=color)
+    det_ax.set(xlabel="step", ylabel="GT detection loss", title="detection loss")
+    kd_ax.set(xlabel="step", ylabel="sum of KD terms (weighted)", title="distillation loss", yscale="log")
+    det_ax.legend(fontsize=7)
+    kd_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+_LOG_META = ("step", "lr", "sec_per_step", "loss")
