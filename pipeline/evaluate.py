@@ -13,7 +13,7 @@ from pipeline.params import make_parser, params_from_args
 from stages.caching import load_teacher, teacher_model_params
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-from stages.evaluation import evaluate
+from stages.evaluation import METRIC_NAMES, evaluate
 from stages.training import resolve_device
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    print(" ".join(f"{k}={metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    print(" ".join(f"{k}=n/a" if metrics[k] is None else f"{k}={metrics[k]:.2f}" for k in METRIC_NAMES))
 
 
 if __name__ == "__main__":

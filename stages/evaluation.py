@@ -60,7 +60,8 @@ def coco_metrics(dataset: CocoDataset, results: list[dict]) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    metrics = {k: round(float(max(v, 0.0)) * 100, 3) for k, v in zip(METRIC_NAMES, ev.stats[:6])}
+    # COCOeval says -1 where the val set has no object of that size: report null, not a fake 0
+    metrics = {k: (round(float(v) * 100, 3) if v >= 0 else None) for k, v in zip(METRIC_NAMES, ev.stats[:6])}
     # precision: [IoU thresholds, recall points, classes, area ranges, max dets]; area 'all', 100 dets
     precision = ev.eval["precision"][:, :, :, 0, -1]
     per_class = {}

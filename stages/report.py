@@ -25,6 +25,10 @@ def _read_log(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+def _ap(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"  # n/a: no val object of that size
+
+
 def _mean_step_time(rows: list[dict[str, float]]) -> float:
     times = [r["sec_per_step"] for r in rows[1:] if "sec_per_step" in r]  # first window holds warm-up
     return sum(times) / len(times) if times else float("nan")
@@ -48,14 +52,14 @@ def build_report(
     lines += ["| model | teacher | KD losses | " + " | ".join(AP_KEYS) + " | ΔAP vs baseline | s/step |",
               "|---|---|---|" + "---|" * len(AP_KEYS) + "---|---|"]
     if teacher:
-        lines.append("| **teacher** | – | – | " + " | ".join(f"{teacher[k]:.2f}" for k in AP_KEYS) + " | | |")
+        lines.append("| **teacher** | – | – | " + " | ".join(_ap(teacher[k]) for k in AP_KEYS) + " | | |")
     for name, mode, losses, m, step in rows:
         if not m:
             lines.append(f"| {name} | {mode} | (not run) |" + " |" * (len(AP_KEYS) + 2))
             continue
         delta = f"{m['AP'] - baseline['AP']:+.2f}" if baseline and losses else ""
         loss_text = ", ".join(f"{k} {v:g}" for k, v in losses.items()) or "none (baseline)"
-        lines.append(f"| {name} | {mode} | {loss_text} | " + " | ".join(f"{m[k]:.2f}" for k in AP_KEYS)
+        lines.append(f"| {name} | {mode} | {loss_text} | " + " | ".join(_ap(m[k]) for k in AP_KEYS)
                      + f" | {delta} | {step:.3f} |")
     lines.append("")
     pairs = _online_offline_pairs(rows)
