@@ -122,17 +122,26 @@ def _check_record(fmt, block, expected, rec_meta_raw, blobs, digest, where, erro
     return ok
 
 
-def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, list[int]]:
+def _open_reader(fmt, root, manifest, report, make):
+    """(reader, completed blocks, missing blocks) of one format; an unopenable store is reported and
+    counts as every block missing (reader None)."""
     try:
-        reader = ZarrCacheReader(root)
+        reader = make()
     except StoreError as err:
-        report.errors.append(f"[zarr] {err}")
-        return 0, list(range(manifest.num_blocks()))
-    store = reader.store
+        report.errors.append(f"[{fmt}] {err}")
+        return None, set(), list(range(manifest.num_blocks()))
     done = reader.completed_blocks()
     missing = [b for b in range(manifest.num_blocks()) if b not in done]
     if missing:
-        report.errors.append(_missing_error("zarr", root, missing))
+        report.errors.append(_missing_error(fmt, root, missing))
+    return reader, done, missing
+
+
+def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, list[int]]:
+    reader, done, missing = _open_reader("zarr", root, manifest, report, lambda: ZarrCacheReader(root))
+    if reader is None:
+        return 0, missing
+    store = reader.store
     n_ok = 0
     for b in _blocks(manifest, progress, "verify zarr"):
         if b not in done:
@@ -182,16 +191,13 @@ def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, l
 
 
 def _verify_wds(root, manifest, report, decode_blobs, progress) -> tuple[int, list[int]]:
-    try:
-        reader = WdsCacheReader(root, verify_checksums=False)  # verify checks (and reports) itself
-    except StoreError as err:
-        report.errors.append(f"[wds] {err}")
-        return 0, list(range(manifest.num_blocks()))
+    # verify checks (and reports) checksums itself
+    reader, done, missing = _open_reader(
+        "wds", root, manifest, report, lambda: WdsCacheReader(root, verify_checksums=False)
+    )
+    if reader is None:
+        return 0, missing
     store = reader.store
-    done = reader.completed_blocks()
-    missing = [b for b in range(manifest.num_blocks()) if b not in done]
-    if missing:
-        report.errors.append(_missing_error("wds", root, missing))
     n_ok = 0
     for b in _blocks(manifest, progress, "verify wds"):
         if b not in done:
