@@ -1,11 +1,11 @@
 """Stage 1 throughput: the caching loop against the teacher's forward alone, on the same work.
 
 Three sides, alternated round by round over the same (image, view) records, blocks, batches,
-device and image loading (`stages.caching`'s own loader: a prefetch thread, or DataLoader workers):
+device and image loading (`stages.cache.worker`'s own loader: a prefetch thread, or DataLoader workers):
 
   teacher          loader -> teacher forward (no grad; bf16 autocast on CUDA), nothing kept
   teacher+det      the same plus post-processing to detections (what plain inference costs)
-  caching          `stages.caching.cache_blocks` over every block of a fresh store, as
+  caching          `stages.cache.worker.cache_blocks` over every block of a fresh store, as
                    `run_cache` runs in-process: forward, detections, candidates, target
                    extraction, quantise/sparsify, host copy, encoding on the encoder threads,
                    Zarr + WebDataset writes (block b written while block b + 1 computes), markers
@@ -33,7 +33,8 @@ from bench.common import (
     write_result,
 )
 from bench.fixtures import Fixture, measure_archs
-from stages.caching import CacheJob, _loader, block_batches, cache_blocks, prepare_store
+from stages.cache.plan import CacheJob, prepare_store
+from stages.cache.worker import _loader, block_batches, cache_blocks
 from stages.data.batching import ViewDataset
 from stages.data.coco import CocoDataset
 from stages.data.views import View
@@ -51,7 +52,7 @@ def _sync(device: torch.device) -> None:
 def teacher_pass(teacher, dataset: CocoDataset, job: CacheJob, manifest: Manifest, device: torch.device,
                  detections: bool) -> float:
     """Seconds for the teacher alone over the manifest's records, blocks, batches and loader of
-    `stages.caching.compute_block`."""
+    `stages.cache.worker.compute_block`."""
     views = {View.from_dict(v).key: View.from_dict(v) for v in manifest.fingerprint["views"]}
     t0 = time.perf_counter()
     for block in range(manifest.num_blocks()):

@@ -144,7 +144,7 @@ def fixture(work: Path, scale: Scale, arch: str, num_images: int, batch_size: in
 
 def built_cache(fix: Fixture, name: str = "cache") -> Path:
     """A complete cache of the fixture (demo targets and codecs, Zarr + WebDataset), built once."""
-    from stages.caching import run_cache
+    from stages.cache.run import run_cache
 
     path = fix.root / name
     run_cache(fix.params(path), progress=False)  # resumes: a complete cache is left untouched

@@ -45,7 +45,7 @@ from bench.common import (
 )
 from bench.fixtures import built_cache, fixture
 from bench.synth_targets import STRIDES, level_sizes, retinanet_record
-from stages.cache_targets import record_meta
+from stages.cache.targets import record_meta
 from stages.config import CacheParams
 from stages.data.batching import padded_size
 from stages.data.views import View

@@ -2,7 +2,7 @@
 live teacher, including the error each KD method's loss would see.
 
 For every (image, view) record of the benchmark set the live teacher's targets are extracted as
-stage 1 would (`stages.teacher_source.live_records`, before any codec). Then, for each target
+stage 1 would (`stages.distill.teacher_source.live_records`, before any codec). Then, for each target
 family (fpn, cls, box) and each chain of `stores.codecs.CODEC_CHAINS_FOR_BENCH`:
 
   KB/image       encoded bytes of the family's arrays per record (mean), and raw float32 KB
@@ -41,14 +41,15 @@ from bench.common import (
 )
 from bench.fixtures import CACHE_CODECS, Fixture, measure_archs
 from bench.synth_targets import class_probs
-from stages.caching import block_batches, plan_records
+from stages.cache.plan import plan_records
+from stages.cache.worker import block_batches
 from stages.config import DistillParams
 from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
 from stages.detectors.build import build_detector, load_detector
-from stages.distill import loss_context, run_from_index
+from stages.distill.run import loss_context, run_from_index
+from stages.distill.teacher_source import live_records, records_to_targets
 from stages.losses.registry import build_kd_losses
-from stages.teacher_source import live_records, records_to_targets
 from stores.codecs import CODEC_CHAINS_FOR_BENCH, decode, encode, parse_chain
 
 NAME = "rate_distortion"

@@ -1,6 +1,6 @@
 """Stage 2 step time: a student trained against the cache (offline) vs against a live teacher (online).
 
-Each side is a real stage 2 run assembled by `stages.distill.build_run` (student, KD losses,
+Each side is a real stage 2 run assembled by `stages.distill.run.build_run` (student, KD losses,
 teacher source, batches) and stepped like `stages.training.train_loop` does: next batch, GT + KD
 losses (bf16 autocast on CUDA), backward, gradient clipping, AdamW step. Sides, alternated round
 by round, every side on the same batch in a round (one seeded sampler):
@@ -34,7 +34,7 @@ from bench.common import (
     write_result,
 )
 from bench.fixtures import Fixture, built_cache, measure_archs
-from stages.distill import build_run
+from stages.distill.run import build_run
 from stages.training import make_optimizer
 
 NAME = "student_step"

@@ -22,7 +22,7 @@ CLS_LOGIT_MEAN, CLS_LOGIT_STD = -7.0, 1.2
 
 
 def level_sizes(h: int, w: int, strides=STRIDES) -> list[tuple[int, int]]:
-    """Valid cells per level of an h x w image (as `stages.cache_targets.valid_cells`)."""
+    """Valid cells per level of an h x w image (as `stages.cache.targets.valid_cells`)."""
     return [(math.ceil(h / s), math.ceil(w / s)) for s in strides]
 
 

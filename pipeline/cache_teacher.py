@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from pipeline.params import make_parser, params_from_args
-from stages.caching import run_cache
+from stages.cache.run import run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
 

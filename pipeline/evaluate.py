@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args
-from stages.caching import load_teacher, teacher_model_params
 from stages.data.coco import CocoDataset
 from stages.data.views import View
+from stages.detectors.checkpoint import load_teacher, teacher_model_params
 from stages.evaluation import METRIC_NAMES, evaluate
 from stages.training import resolve_device
 

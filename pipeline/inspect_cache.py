@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     params = params_from_args(args)
     root = Path(args.store or params.cache.path)
 
-    from stages.caching import open_reader
+    from stages.cache.plan import open_reader
     from stores.base import StoreError
     from stores.verify import store_summary, verify_store
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.fidelity:
             report["fidelity"] = _fidelity(reader, params, args.fidelity)
         if args.show is not None:
-            from stages.cache_show import show_record
+            from stages.cache.show import show_record
             from stages.data.coco import CocoDataset
 
             dataset = CocoDataset(params.data.train_images, params.data.train_ann)
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fidelity(reader, params, n: int) -> dict:
     """measure_fidelity against teacher.checkpoint, refusing a teacher or dataset other than the cache's."""
-    from stages.caching import load_teacher, teacher_model_params
+    from stages.cache.fidelity import measure_fidelity
     from stages.data.coco import CocoDataset
-    from stages.fidelity import measure_fidelity
+    from stages.detectors.checkpoint import load_teacher, teacher_model_params
     from stages.training import resolve_device
     from stores.manifest import sha256_file
 

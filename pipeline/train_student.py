@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.params import make_parser, params_from_args
-from stages.distill import train_student
+from stages.distill.run import train_student
 
 
 def main(argv: list[str] | None = None) -> None:

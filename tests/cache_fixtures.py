@@ -106,7 +106,7 @@ def copy_cache(params: Params, root: Path) -> Params:
 
 
 def build_cache(params: Params, **kw) -> dict:
-    from stages.caching import run_cache
+    from stages.cache.run import run_cache
 
     with torch_threads(1):
         return run_cache(params, progress=False, **kw)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from stages.detectors.contract import DetectorOutput, TowerFeatures
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 STRIDES = [8, 16, 32]
 PADDED = (32, 64)  # padded batch (H, W): level maps 4x8, 2x4, 1x2

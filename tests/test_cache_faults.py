@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cache_teacher, inspect_cache
-from stages.caching import open_reader
+from stages.cache.plan import open_reader
 from stores.verify import verify_store
 from tests.cache_fixtures import (
     all_records,

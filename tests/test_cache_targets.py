@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.cache_targets import device_prepare, extract_records, parts_to_numpy, record_meta, valid_cells
+from stages.cache.targets import device_prepare, extract_records, parts_to_numpy, record_meta, valid_cells
 from stages.detectors.contract import flatten_levels
 from stores.codecs import CODEC_CHAINS_FOR_BENCH, effective_chain, encode, pack, parse_chain, prepare
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from pipeline import cache_teacher
-from stages.caching import build_manifest, open_reader, plan_records, teacher_head_from_cache
+from stages.cache.plan import build_manifest, open_reader, plan_records
 from stages.config import ViewParams
 from stages.data.batching import padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.build import load_detector
+from stages.distill.teacher_source import teacher_head_from_cache
 from tests.cache_fixtures import (
     all_records,
     assert_same_records,

@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from stages.caching import open_reader, run_cache
+from stages.cache.plan import open_reader
+from stages.cache.run import run_cache
 from stages.config import Params, ViewParams
 from stages.detector_training import train_detector
-from stages.distill import build_run, train_student
+from stages.distill.run import build_run, train_student
 from stages.training import train_loop
 from stores.manifest import CacheMismatchError
 from tests.cache_fixtures import tiny_params

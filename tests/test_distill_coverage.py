@@ -11,9 +11,9 @@ from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.build import build_detector
-from stages.distill import loss_context, run_from_index
+from stages.distill.run import loss_context, run_from_index
+from stages.distill.teacher_source import live_records, records_to_targets
 from stages.losses.registry import build_kd_losses
-from stages.teacher_source import live_records, records_to_targets
 
 ALL = {"mse": 1.0, "cosine": 1.0, "cskd": 1.0, "ssim": 2.0, "crosskd": 1.0, "rm": 4.0, "pfi": 1.5}
 FEATURE_LEVEL = {"mse": 1.0, "cosine": 1.0, "ssim": 2.0, "cskd": 1.0}

@@ -8,7 +8,7 @@ from stages.detectors.build import build_head
 from stages.detectors.contract import DetectorOutput
 from stages.losses.common import valid_masks
 from stages.losses.crosskd import CrossKDLoss
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 from tests.losses_fakes import (
     IMAGE_SIZES,
     SHAPES,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-from stages.teacher_source import live_records
+from stages.distill.teacher_source import live_records
 
 
 def _proxy(live: torch.Tensor, seed: int) -> torch.Tensor:

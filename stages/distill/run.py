@@ -18,15 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.cache_targets import PER_IMAGE_TARGETS
-from stages.caching import (
-    check_cache,
-    load_teacher,
-    open_reader,
-    teacher_head_from_cache,
-    teacher_model_params,
-    teacher_num_classes,
-)
+from stages.cache.plan import check_cache, open_reader, teacher_num_classes
+from stages.cache.targets import PER_IMAGE_TARGETS
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
@@ -34,10 +27,16 @@ from stages.data.views import View
 from stages.detector_training import to_device
 from stages.detectors.base import crosskd_run_from_index
 from stages.detectors.build import build_detector, checkpoint_dict
+from stages.detectors.checkpoint import load_teacher, teacher_model_params
+from stages.distill.loader import CachedViewDataset, check_padding, wds_batches
+from stages.distill.teacher_source import (
+    cached_records_to_device,
+    live_records,
+    records_to_targets,
+    teacher_head_from_cache,
+)
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.student_data import CachedViewDataset, check_padding, wds_batches
-from stages.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.cache_targets import extract_records
+from stages.cache.targets import extract_records
+from stages.config import ModelParams, from_dict
+from stages.detectors.build import build_head
 from stages.detectors.contract import DetectorOutput
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 
 def _place(maps: Sequence[Tensor], padded_hw: tuple[int, int], stride: int) -> Tensor:
@@ -110,3 +113,14 @@ def live_records(
     out = teacher(images, image_sizes, with_detections="detections" in targets)
     cands = teacher.candidates(out, gt) if "candidates" in targets else None
     return out, extract_records(out, targets, gt, cands, teacher.num_classes)
+
+
+def teacher_head_from_cache(reader, arch: dict, num_classes: int) -> torch.nn.Module:
+    """The frozen teacher dense head rebuilt from the cache's static weights (no backbone needed)."""
+    head = build_head(from_dict(ModelParams, arch), num_classes)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in reader.read_static("head").items()}
+    head.load_state_dict(state)
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head

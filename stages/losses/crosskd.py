@@ -53,7 +53,7 @@ from stages.losses.common import (
     soft_positive_count,
     valid_masks,
 )
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 # (cls, box, kl) weights of the official configs
 ARCH_WEIGHTS = {"retinanet": (1.0, 1.0, 0.0), "fcos": (0.4, 0.75, 0.0), "gfl": (1.0, 2.0, 3.0)}

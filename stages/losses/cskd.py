@@ -52,7 +52,7 @@ from stages.losses.common import (
     soft_positive_count,
     valid_masks,
 )
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 ROI_SIZE = 7
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from stages.detectors.contract import DetectorOutput
 from stages.losses.common import check_levels, make_adapter, masked_mean, valid_masks
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 
 class FeatureImitation(nn.Module):

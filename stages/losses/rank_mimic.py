@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stages.losses.common import check_levels, make_adapter, masked_mean, match_class_maps, valid_masks
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 
 def rank_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:

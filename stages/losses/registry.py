@@ -26,7 +26,7 @@ from stages.losses.cskd import CSKDLoss
 from stages.losses.feature import CosineFeatureLoss, MSEFeatureLoss
 from stages.losses.rank_mimic import PFILoss, RankMimicLoss
 from stages.losses.ssim import SSIMLoss
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 
 @dataclass(frozen=True)

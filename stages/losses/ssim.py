@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from stages.detectors.contract import DetectorOutput
 from stages.losses.common import check_levels, crop_valid
-from stages.teacher_targets import TeacherTargets
+from stages.losses.targets import TeacherTargets
 
 C1 = 0.01**2
 C2 = 0.03**2

@@ -1,0 +1,1 @@
+"""Stage 2: train students against cached (or live) teacher targets (loader, sources, run)."""
