@@ -36,6 +36,8 @@ def student_output(b: int = 2, c: int = 4, k: int = 3, a: int = 1, r: int = 4, s
     for i in range(towers):
         cls_tower.pre.append(maps(b, c, seed + 10 + i, grad=grad))
         reg_tower.pre.append(maps(b, c, seed + 20 + i, grad=grad))
+        cls_tower.post.append([m.relu() for m in cls_tower.pre[-1]])
+        reg_tower.post.append([m.relu() for m in reg_tower.pre[-1]])
     return DetectorOutput(
         fpn=maps(b, c, seed, grad=grad),
         strides=list(STRIDES),

@@ -1,9 +1,10 @@
-import math
+"""CSKD behaviour: the term's three official forms, padding, degenerate batches, arch mixes.
+Term-by-term agreement with the official formulas (value and gradient) is tests/test_losses_conformance.py."""
 
-import pytest
 import torch
 
-from stages.losses.cskd import CSKDLoss, cskd_term, expected_sides
+from stages.losses.cskd import CSKDLoss, box_cells, guided_term
+from tests import losses_reference as ref
 from tests.losses_fakes import (
     IMAGE_SIZES,
     SHAPES,
@@ -15,158 +16,118 @@ from tests.losses_fakes import (
     teacher_from_student,
     teacher_targets,
 )
+from tests.test_losses_crosskd import assign_inside
+
+W = (1.0, 0.5)
 
 
-def reference_term(s, t, mask, w_mse, w_cos):
-    """cskd_term by explicit loops (s, t [B, C, H, W] float64; mask [B, 1, H, W])."""
-    b_n, c_n, h_n, w_n = s.shape
-    cells = [[(y, x) for y in range(h_n) for x in range(w_n) if mask[b, 0, y, x] > 0] for b in range(b_n)]
-
-    def cos(u, v):
-        nu, nv = math.sqrt(sum(a * a for a in u)), math.sqrt(sum(a * a for a in v))
-        return sum(a * b for a, b in zip(u, v)) / max(nu * nv, 1e-12)
-
-    mse = sp = ch = 0.0
-    n_cells = sum(len(c) for c in cells)
-    n_ch = 0
-    for b in range(b_n):
-        if not cells[b]:
-            continue
-        cos_ch = [cos([s[b, c, y, x].item() for y, x in cells[b]], [t[b, c, y, x].item() for y, x in cells[b]])
-                  for c in range(c_n)]
-        ch += sum(1 - v for v in cos_ch)
-        n_ch += c_n
-        for y, x in cells[b]:
-            cos_sp = cos(s[b, :, y, x].tolist(), t[b, :, y, x].tolist())
-            sp += 1 - cos_sp
-            for c in range(c_n):
-                mse += (1 - cos_ch[c]) * (1 - cos_sp) * (s[b, c, y, x].item() - t[b, c, y, x].item()) ** 2
-    mse /= max(n_cells * c_n, 1)
-    return w_mse * mse + w_cos * (ch / max(n_ch, 1) + sp / max(n_cells, 1))
-
-
-def test_term_by_hand():
+def test_term_forms_match_the_official_function():
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 3, 3, 4, generator=g).double(), torch.randn(2, 3, 3, 4, generator=g).double()
-    mask = (torch.rand(2, 1, 3, 4, generator=g) > 0.4).double()
-    mask[1] = 0  # an image with no selected cell counts nowhere
-    got = cskd_term(s, t, mask, 1.0, 0.5).item()
-    assert math.isclose(got, reference_term(s, t, mask, 1.0, 0.5), rel_tol=1e-9)
-    assert cskd_term(s, t, torch.zeros_like(mask), 1.0, 0.5).item() == 0.0
+    s, t = torch.randn(2, 3, 4, 5, generator=g).double(), torch.randn(2, 3, 4, 5, generator=g).double()
+    ones = torch.ones(2, 1, 4, 5)
+    mask = (torch.rand(2, 4, 5, generator=g) > 0.5).double()
+    torch.testing.assert_close(guided_term(s, t, ones, *W), ref.mse_cos(s, t, W))
+    f = mask.sum() * 3
+    torch.testing.assert_close(guided_term(s, t, ones, *W, mask[:, None], f),
+                               ref.mse_cos(s * mask[:, None], t * mask[:, None], W, mask, f))
+    torch.testing.assert_close(guided_term(s, t, ones, *W, None, f), ref.mse_cos(s, t, W, None, f))
 
 
-def hand_masks(boxes_per_image):
-    """Valid and GT-box masks per level, by loops."""
-    valid, fg = [], []
-    for (h, w), stride in zip(SHAPES, STRIDES):
-        v = torch.zeros(len(IMAGE_SIZES), 1, h, w, dtype=torch.float64)
-        f = torch.zeros_like(v)
-        for b, (ih, iw) in enumerate(IMAGE_SIZES):
-            for y in range(h):
-                for x in range(w):
-                    v[b, 0, y, x] = float(y < math.ceil(ih / stride) and x < math.ceil(iw / stride))
-                    for x1, y1, x2, y2 in boxes_per_image[b].tolist():
-                        cx = math.floor(x1 / stride) <= x <= max(math.ceil(x2 / stride) - 1, math.floor(x1 / stride))
-                        cy = math.floor(y1 / stride) <= y <= max(math.ceil(y2 / stride) - 1, math.floor(y1 / stride))
-                        if cx and cy:
-                            f[b, 0, y, x] = v[b, 0, y, x]
-        valid.append(v)
-        fg.append(f)
-    return valid, fg
+def test_term_ignores_padding():
+    """Over a valid block the term equals the official term on the cropped map (one image)."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 3, 4, 5, generator=g).double(), torch.randn(1, 3, 4, 5, generator=g).double()
+    valid = torch.zeros(1, 1, 4, 5)
+    valid[..., :3, :4] = 1
+    s_pad = s.clone()
+    s_pad[..., 3:, :] = 1e6
+    s_pad[..., :, 4:] = float("nan")
+    torch.testing.assert_close(guided_term(s_pad, t, valid, *W), ref.mse_cos(s[..., :3, :4], t[..., :3, :4], W))
 
 
-def test_parts_by_hand():
-    student, teacher, targets = student_output(), teacher_targets(), gt_targets()
-    parts = CSKDLoss(4, 4, 3, assistant=False)(student, teacher, targets)
-    assert set(parts) == {"neck", "roi", "fg", "bg", "pred"}
-    valid, fg = hand_masks([t["boxes"] for t in targets])
-    pairs = list(zip(student.fpn, teacher.fpn))
-    for key, masks in (("neck", valid), ("fg", fg), ("bg", [v - f for v, f in zip(valid, fg)])):
-        expect = sum(reference_term(s.detach().double(), t.double(), m, 1.0, 0.5)
-                     for (s, t), m in zip(pairs, masks)) / len(masks)
-        assert math.isclose(parts[key].item(), expect, rel_tol=1e-4), key
-    expect = sum(reference_term(s.detach().double().sigmoid(), t.double(), m, 1.0, 0.5)
-                 for s, t, m in zip(student.cls_logits, teacher.cls_probs, valid)) / len(valid)
-    assert math.isclose(parts["pred"].item(), expect, rel_tol=1e-4)
+def loss_for(student, teacher, **kw):
+    kw = {"predictions": True, "assistant": True, "num_levels": 3, "arch": "fcos", "same_arch": True,
+          "head_channels": 4, "num_anchors": 1, "box_dim": 4, "assign": assign_inside} | kw
+    return CSKDLoss(4, 4, 3, **kw)
+
+
+def fcos_pair(seed=0):
+    student = student_output(towers=1, seed=seed)
+    student.box_reg = [m.detach().abs().requires_grad_(True) for m in student.box_reg]
+    student.quality = [torch.randn(2, 1, h, w, requires_grad=True) for h, w in SHAPES]
+    teacher = teacher_targets()
+    teacher.box_reg = [m.abs() + 0.1 for m in teacher.box_reg]
+    teacher.quality = [torch.rand(2, 1, h, w) for h, w in SHAPES]
+    return student, teacher
+
+
+def test_parts_and_gradients():
+    student, teacher = fcos_pair()
+    loss = loss_for(student, teacher)
+    parts = loss(student, teacher, gt_targets())
+    assert set(parts) == {"neck", "roi", "fg", "bg", "pred_cls", "pred_box", "pred_ctr",
+                          "assist_cls", "assist_box", "assist_ctr"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    sum(parts.values()).backward()
+    assert grads_finite(student.fpn) and grads_finite(student.cls_logits) and grads_finite(student.cls_tower.pre[0])
+    assert all(c.weight.grad is not None for c in loss.mimic)  # one 1x1 conv per level, always
+    assert loss.assistant.cls.weight.grad is not None and loss.assistant.ctr.weight.grad is not None
 
 
 def test_zero_when_student_equals_teacher():
     student = student_output()
-    parts = CSKDLoss(4, 4, 3, assistant=False)(student, teacher_from_student(student), gt_targets())
-    for key, value in parts.items():
-        assert abs(value.item()) < 1e-5, key
-
-
-def test_gradients_reach_student_and_assistant():
-    student = student_output()
-    loss = CSKDLoss(4, 4, 3)
-    parts = loss(student, teacher_targets(), gt_targets())
-    assert set(parts) == {"neck", "roi", "fg", "bg", "pred", "assist_cls", "assist_box"}
-    sum(parts.values()).backward()
-    assert grads_finite(student.fpn) and grads_finite(student.cls_logits)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in loss.assistant.parameters())
+    teacher = teacher_from_student(student)
+    loss = CSKDLoss(4, 4, 3, predictions=True, assistant=False, num_levels=3)
+    for conv in loss.mimic:  # identity mimic convs
+        conv.weight.data = torch.eye(4)[:, :, None, None]
+        conv.bias.data.zero_()
+    parts = loss(student, teacher, gt_targets())
+    for key in ("neck", "roi", "pred_cls"):
+        assert abs(parts[key].item()) < 1e-5, key
 
 
 def test_padding_changes_nothing():
-    student, teacher, targets = student_output(grad=False), teacher_targets(), gt_targets()
-    loss = CSKDLoss(4, 4, 3)
-    before = loss(student, teacher, targets)
-    student.fpn = scramble_padding(student.fpn)
-    student.cls_logits = scramble_padding(student.cls_logits, value=-50.0)
+    student, teacher = fcos_pair()
+    loss = loss_for(student, teacher)
+    before = loss(student, teacher, gt_targets())
     teacher.fpn = scramble_padding(teacher.fpn, value=float("nan"))
     teacher.cls_probs = scramble_padding(teacher.cls_probs, value=float("nan"))
-    teacher.box_reg = scramble_padding(teacher.box_reg, value=77.0)
-    after = loss(student, teacher, targets)
-    for key in before:
-        assert torch.allclose(after[key], before[key], rtol=1e-6, atol=1e-7), key
+    student.fpn = scramble_padding(student.fpn, value=1e4)
+    after = loss(student, teacher, gt_targets())
+    for key in ("neck", "roi", "fg", "bg", "pred_cls"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_no_gt_batch():
-    student = student_output()
-    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in range(2)]
-    parts = CSKDLoss(4, 4, 3)(student, teacher_targets(), targets)
-    assert parts["roi"].item() == 0 and parts["fg"].item() == 0 and parts["assist_box"].item() == 0
+    student, teacher = fcos_pair()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in range(2)]
+    parts = loss_for(student, teacher)(student, teacher, empty)
+    assert parts["roi"].item() == 0 and parts["fg"].item() == 0
     assert all(torch.isfinite(v) for v in parts.values())
-    sum(parts.values()).backward()
-    assert grads_finite(student.fpn)
 
 
 def test_faster_rcnn_keeps_fpn_terms_only():
-    loss = CSKDLoss(4, 8, 3, predictions=False)
-    assert loss.needs() == {"fpn"} and loss.assistant is None
-    student = student_output(c=4)
-    student.cls_logits, student.box_reg = [], []
+    student = student_output()
+    loss = CSKDLoss(4, 8, 3, predictions=False, num_levels=3)
     parts = loss(student, teacher_targets(c=8), gt_targets())
-    assert set(parts) == {"neck", "roi", "fg", "bg"}
+    assert set(parts) == {"neck", "roi", "fg", "bg"} and loss.needs() == {"fpn"}
 
 
 def test_teacher_with_more_anchors():
-    """RetinaNet teacher (A=9) for an FCOS-like student (A=1): per-location max for pred, assistant in A=9."""
+    """A 9-anchor teacher for a 1-point student: class maps compared per location; no box / assistant terms."""
     student = student_output(a=1)
-    loss = CSKDLoss(4, 4, 3, teacher_num_anchors=9, teacher_box_dim=4)
-    parts = loss(student, teacher_targets(a=9), gt_targets())
-    sum(parts.values()).backward()
-    assert grads_finite(student.fpn)
-    with pytest.raises(ValueError, match="anchors"):
-        loss(student_output(a=1), teacher_targets(a=1), gt_targets())
-
-
-def test_expected_sides_by_hand():
-    reg_max = 2
-    logits = torch.zeros(1, 4 * (reg_max + 1), 1, 1)
-    logits[0, 0:3, 0, 0] = torch.tensor([0.0, math.log(3.0), -100.0])  # side 0: p = (1/4, 3/4, 0)
-    sides = expected_sides(logits, reg_max)
-    assert sides.shape == (1, 1, 4, 1, 1)
-    assert math.isclose(sides[0, 0, 0, 0, 0].item(), 0.75, rel_tol=1e-5)
-    assert math.isclose(sides[0, 0, 1, 0, 0].item(), 1.0, rel_tol=1e-5)  # uniform over 0, 1, 2
-
-
-def test_gfl_teacher_assistant():
-    reg_max = 4
-    student = student_output(a=1, r=4 * (reg_max + 1))
-    teacher = teacher_targets(a=1, r=4 * (reg_max + 1))
-    loss = CSKDLoss(4, 4, 3, teacher_box_dim=4 * (reg_max + 1), teacher_reg_max=reg_max)
+    teacher = teacher_targets(a=9)
+    loss = CSKDLoss(4, 4, 3, predictions=True, assistant=True, num_levels=3, arch="fcos", same_arch=False)
     parts = loss(student, teacher, gt_targets())
-    parts["assist_box"].backward()
-    assert parts["assist_box"].item() > 0
-    assert all(torch.isfinite(p.grad).all() for p in loss.assistant.box.parameters())
+    assert set(parts) == {"neck", "roi", "fg", "bg", "pred_cls"} and loss.assistant is None
+
+
+def test_box_cells_official_rounding_and_scaling():
+    boxes = [torch.tensor([[4.0, 2.0, 30.0, 20.0]]), torch.tensor([[2.0, 3.0, 17.0, 14.0]])]
+    cells = box_cells(boxes, IMAGE_SIZES, SHAPES, STRIDES, official=False, device="cpu")
+    want = torch.zeros(4, 8)
+    want[0:3, 0:4] = 1  # int(2/8)..int(20/8) rows, int(4/8)..int(30/8) cols, inclusive
+    assert torch.equal(cells[0][0, 0], want)
+    # official scaling stretches image 1's box by (padded width / image width) = 64 / 36 on P3
+    official = box_cells(boxes, IMAGE_SIZES, SHAPES, STRIDES, official=True, device="cpu")
+    assert official[0][1, 0].sum() > cells[0][1, 0].sum()

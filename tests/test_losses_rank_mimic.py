@@ -37,12 +37,23 @@ def test_rank_mimic_by_hand():
     teacher = teacher_targets()
     teacher.candidates = candidates()
     got = RankMimicLoss(3)(student, teacher, gt_targets())["rank"]
-    scores = flatten_levels([m.detach() for m in student.cls_logits], 3).sigmoid()
-    expect = (kl_softmax([0.9, 0.5, 0.1], [scores[0, i, 0].item() for i in (0, 1, 5)])
-              + kl_softmax([0.7, 0.4], [scores[1, i, 1].item() for i in (0, 9)])) / 2
+    logits = flatten_levels([m.detach() for m in student.cls_logits], 3)
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    # default: softmax over logits (teacher probabilities mapped back through the logit), T = 1
+    expect = (kl_softmax([logit(p) for p in (0.9, 0.5, 0.1)], [logits[0, i, 0].item() for i in (0, 1, 5)])
+              + kl_softmax([logit(p) for p in (0.7, 0.4)], [logits[1, i, 1].item() for i in (0, 9)])) / 2
     assert math.isclose(got.item(), expect, rel_tol=1e-5)
     got.backward()
     assert grads_finite(student.cls_logits)
+    # scores="probs": the old softmax over probabilities; temperature divides both sides
+    probs = logits.sigmoid()
+    got = RankMimicLoss(3, scores="probs", temperature=0.5)(student, teacher, gt_targets())["rank"]
+    expect = (kl_softmax([p / 0.5 for p in (0.9, 0.5, 0.1)], [probs[0, i, 0].item() / 0.5 for i in (0, 1, 5)])
+              + kl_softmax([p / 0.5 for p in (0.7, 0.4)], [probs[1, i, 1].item() / 0.5 for i in (0, 9)])) / 2
+    assert math.isclose(got.item(), expect, rel_tol=1e-5)
 
 
 def test_rank_mimic_zero_when_scores_match_and_order_kept():

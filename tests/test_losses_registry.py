@@ -7,12 +7,13 @@ from stages.config import ConfigError, DistillParams
 from stages.losses.feature import MSEFeatureLoss
 from stages.losses.registry import LOSS_NAMES, KDLosses, LossContext, build_kd_losses
 from tests.losses_fakes import IMAGE_SIZES, grads_finite, gt_targets, maps, student_output, teacher_targets
-from tests.test_losses_crosskd import K, head, run, teacher_side
+from tests.test_losses_crosskd import K, assign_inside, head, run, teacher_side
 
 CTX = LossContext(
     student_arch="fcos", teacher_arch="fcos", num_classes=K, num_levels=3, strides=[8, 16, 32],
     student_channels=4, teacher_channels=8, student_head_channels=4, teacher_head_channels=8,
     num_anchors=1, box_dim=4, teacher_box_dim=4, reg_max=16, student_dense=True, teacher_has_quality=True,
+    assign=assign_inside,
 )
 FASTER = dataclasses.replace(CTX, student_arch="faster_rcnn", student_dense=False, num_anchors=0, box_dim=0)
 
@@ -96,7 +97,7 @@ def test_all_losses_together_on_a_real_head():
     student = run(s_head, maps(2, 4, seed=6, grad=True), IMAGE_SIZES, 1)
     kd = build({name: 1.0 for name in LOSS_NAMES})
     assert isinstance(kd, KDLosses)
-    assert kd.needs() == {"fpn", "cls", "box", "candidates", "head", "tower_stats"}
+    assert kd.needs() == {"fpn", "cls", "box", "quality", "candidates", "head", "tower_stats"}
     out = kd(student, teacher, gt_targets())
     assert {k.split("/")[0] for k in out} == set(LOSS_NAMES) | {"kd_total"}
     assert all(torch.isfinite(v) for v in out.values())

@@ -66,6 +66,11 @@ def box_masks(
     return masks
 
 
+def wide(x: Tensor) -> Tensor:
+    """x in float32, or float64 when it already is (conformance tests run the losses in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
     """Sum of x over the cells where mask > 0 (mask broadcasts against x)."""
     return torch.where(mask > 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device)).sum()

@@ -1,39 +1,49 @@
 """CSKD: cosine-similarity-guided KD (Park et al., "Cosine Similarity-guided Knowledge
-Distillation for Robust Object Detectors"; official code github swkdn16/CSKD).
+Distillation for Robust Object Detectors"; official code github swkdn16/CSKD,
+`mmdet/models/dense_heads/cskd_head_{retina,fcos,gfl}.py`, `configs/cskd/*`).
 
-The core term on a student map s and teacher map t ([B, C, H, W], over a cell selection M):
-  cos_ch[b, c]    cosine over the selected cells between s[b, c] and t[b, c]  (one per channel)
-  cos_sp[b, h, w] cosine over channels between s[b, :, h, w] and t[b, :, h, w] (one per cell)
-  G = (1 - cos_ch) * (1 - cos_sp)                      guidance, large where both disagree
-  term = w_mse * mean_M(G * (s - t)^2) + w_cos * (mean(1 - cos_ch) + mean_M(1 - cos_sp))
-Paper / official values: w_mse 1, w_cos 0.5 (`DistillParams.cskd`). As in the official code the
-guidance is not detached (the student is also pulled towards a smaller G).
+The core term (official `_loss_mse_cos`) on a student map s and teacher map t [B, C, H, W]:
+  cos_ch[b, c]  cosine over the cells between s[b, c] and t[b, c]         (eps 1e-6)
+  cos_sp[b, y, x] cosine over channels between s[b, :, y, x], t[b, :, y, x]
+  G = |(1 - cos_ch) (1 - cos_sp)|   guidance (not detached, as official)
+  plain   (no avg factor): w_mse * mean(G (s-t)^2) + w_cos * (mean_bc(1-cos_ch) + mean_cells(1-cos_sp))
+  avg F   (avg factor F):  w_mse * sum(G (s-t)^2) / F + w_cos * (mean_bc(1-cos_ch) + sum_cells(1-cos_sp) / F)
+  masked  (fg / bg, mask M, F = sum(M) * C): s, t and G multiplied by M first; cells outside M are zero
+          vectors, so each adds a constant 1 to sum_cells(1 - cos_sp) (as official)
+"Cells" are the batch's valid cells (padding never counts: the project's rule; the official code
+runs over the padded map). Weights (w_mse, w_cos) = (1, 0.5) for every part (official configs).
 
-Parts returned (each averaged over FPN levels; the caller's weight multiplies all of them):
-  neck        the term on adapter(student FPN) vs teacher FPN over each image's valid cells
-  roi         the term on 7x7 RoIAlign crops of both maps at the GT boxes (aligned=True,
-              sampling 2, spatial scale 1/stride); padded cells are zeroed first so bilinear
-              samples at an image's border cannot read padding
-  fg / bg     the term over the cells GT boxes cover / the other valid cells
-  pred        the term on sigmoid(student class logits) vs teacher probabilities (valid cells);
-              when student and teacher differ in anchors per location, on the per-location max
-              over anchors
-  assist_cls  assistant prediction branch (training only, owned here: 3x3 conv + ReLU on the
-  assist_box  student FPN, then 3x3 convs to the teacher's A*K class and A*R box channels):
-              classes learn the teacher probabilities inside GT boxes (0 elsewhere, as the
-              official code masks them) with a QFL-style soft focal loss (beta 2) summed over
-              valid anchors / number of anchors inside GT boxes; boxes learn the teacher's
-              regression with L1 (GFL teachers: on the expected side distances of the bin
-              distributions), weighted per anchor by (inside a GT box) x (teacher max score).
-Faster R-CNN (student or teacher) has no dense predictions: only neck / roi / fg / bg apply.
-Deviations from the official code: the head-tower branch terms are left out (the cache holds no
-tower maps), the assistant reads the student FPN (not its tower output) and is weighted by GT boxes
-and teacher scores instead of the student assigner's positives.
+| official term (loss key)       | here (part)  | input                               | form / normaliser            |
+|--------------------------------|--------------|-------------------------------------|------------------------------|
+| DistillNeck loss_feat (neck)   | neck         | mimic_conv[l](S_l) vs T_l           | plain                        |
+| DistillNeck loss_rois (nkroi)  | roi          | 7x7 RoIAlign of both at GT boxes    | plain over R x C x 49        |
+| DistillNeck loss_fg / loss_bg  | fg / bg      | both x GT-box mask / x its complement | masked, F = sum(M) * C     |
+| Distillprediction cls (kdcls)  | pred_cls     | sigmoid maps                        | plain (GFL: avg, F = fg*C)   |
+| Distillprediction bbox (kdbbox)| pred_box     | raw box maps                        | avg, F = sum(fg) * C_box     |
+| Distillprediction cnt (FCOS)   | pred_ctr     | sigmoid centerness                  | avg, F = sum(fg) * 1         |
+| loss_assis_* (assistant)       | assist_*     | see `cskd_assistant`                | / number of positives        |
+| Distillbranch (brcls / brreg)  | tower_cls / tower_reg | each tower layer's output (after its activation), student vs teacher | plain; sum over levels, mean over layers |
+Every part is SUMMED over the FPN levels (mmdet sums the per-level loss lists); the caller's weight
+multiplies all parts. mimic_conv: one 1x1 conv per level, always (even 256 -> 256), N(0, 0.01) init
+as the official head's init_cfg. Tower terms: the teacher's tower maps are not cached (huge); the
+frozen teacher head (`teacher.head`, from the cache's static weights or the live teacher) runs on
+the teacher's FPN maps instead (cells outside an image read zeros there, the live teacher read its
+padding: only terms near the border can differ). As official, RetinaNet / GFL compare the student's
+tower maps directly (their branch mimic convs are built but unused in the official code), FCOS
+through one 1x1 conv per level and layer (use_conv_for_mimic); a student whose tower width differs
+from the teacher's gets those convs for every arch. Layers pair up to the shallower tower.
+`tower=False` leaves the tower terms out (and the need for the teacher head).
+
+GT boxes -> cells: official `int(x / img_w * W)` (truncation, x2 inclusive). By default the factor is
+1/stride; `official_box_scaling=True` uses W / (unpadded image width) as the official code, which
+stretches boxes on padded images (a bug kept as an option). Guards the official code lacks: a level
+without fg cells gives fg 0 (official: 0/0), a batch without GT gives roi 0.
+Prediction parts need dense student and teacher; pred_box / pred_ctr / assist_* need the same
+architecture (same anchors and box format) and are left out otherwise; pred_cls compares the
+per-location max over anchors when anchors per location differ (an extension).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,61 +51,61 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from stages.detectors.contract import DetectorOutput
-from stages.losses.common import (
-    box_masks,
-    check_levels,
-    make_adapter,
-    masked_mean,
-    masked_sum,
-    match_class_maps,
-    quality_focal_kd,
-    soft_positive_count,
-    valid_masks,
-)
+from stages.losses.common import check_levels, match_class_maps, valid_masks, wide
+from stages.losses.cskd_assistant import AssistantHead, assistant_losses
 from stages.losses.targets import TeacherTargets
 
 ROI_SIZE = 7
+COS_EPS = 1e-6
 
 
-def cskd_term(s: Tensor, t: Tensor, mask: Tensor, w_mse: float, w_cos: float) -> Tensor:
-    """The guided MSE + cosine term on s, t [B, C, H, W] over the cells where mask [B, 1, H, W] > 0."""
+def guided_term(s: Tensor, t: Tensor, valid: Tensor, w_mse: float, w_cos: float,
+                select: Tensor | None = None, avg_factor: Tensor | float | None = None) -> Tensor:
+    """The official `_loss_mse_cos` on s, t [B, C, H, W] over the cells where valid [B, 1, H, W] > 0.
+
+    select [B, 1, H, W] 0/1: the masked form (fg / bg); avg_factor: the normaliser F (None = means).
+    """
     t = t.detach()
-    sel = mask > 0
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    s0, t0 = torch.where(sel, s, zero), torch.where(sel, t, zero)
-    cos_ch = F.cosine_similarity(s0.flatten(2), t0.flatten(2), dim=2, eps=1e-6)  # [B, C]
-    cos_sp = F.cosine_similarity(s0, t0, dim=1, eps=1e-6)[:, None]  # [B, 1, H, W]
-    guidance = (1 - cos_ch)[:, :, None, None] * (1 - cos_sp)
-    mse = masked_mean(guidance * (s0 - t0) ** 2, mask)
-    has_cells = sel.flatten(1).any(dim=1).to(s.dtype)[:, None]  # [B, 1]: images with a selected cell
-    ch_term = ((1 - cos_ch) * has_cells).sum() / (has_cells.sum() * s.shape[1]).clamp_min(1.0)
-    return w_mse * mse + w_cos * (ch_term + masked_mean(1 - cos_sp, mask))
+    keep = valid > 0
+    if select is not None:
+        keep_sel = keep & (select > 0)
+        s, t = torch.where(keep_sel, s, zero), torch.where(keep_sel, t, zero)
+    else:
+        s, t = torch.where(keep, s, zero), torch.where(keep, t, zero)
+    c = s.shape[1]
+    cos_ch = F.cosine_similarity(s.flatten(2), t.flatten(2), dim=2, eps=COS_EPS)  # [B, C]
+    cos_sp = F.cosine_similarity(s, t, dim=1, eps=COS_EPS)[:, None]  # [B, 1, H, W]
+    guidance = ((1 - cos_ch)[:, :, None, None] * (1 - cos_sp)).abs()
+    if select is not None:
+        guidance = guidance * select
+    sq = torch.where(keep, guidance * (s - t) ** 2, zero).sum()
+    sp = torch.where(keep, 1 - cos_sp, zero).sum()
+    n_cells = keep.sum().clamp_min(1)
+    if avg_factor is None:
+        mse, sp_term = sq / (n_cells * c), sp / n_cells
+    else:
+        mse, sp_term = sq / avg_factor, sp / avg_factor
+    return w_mse * mse + w_cos * ((1 - cos_ch).mean() + sp_term)
 
 
-class AssistantHead(nn.Module):
-    """Training-only dense predictor on student FPN maps, in the teacher's output format."""
-
-    def __init__(self, channels: int, num_anchors: int, num_classes: int, box_dim: int):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
-        self.cls = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
-        self.box = nn.Conv2d(channels, num_anchors * box_dim, 3, padding=1)
-        for conv in (self.trunk[0], self.cls, self.box):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls.bias, -math.log((1 - 0.01) / 0.01))  # prior probability 0.01
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.trunk(x)
-        return self.cls(h), self.box(h)
+def box_cells(boxes: list[Tensor], image_sizes, shapes, strides, official: bool, device) -> list[Tensor]:
+    """Per level a 0/1 map [B, 1, H, W] of the cells GT boxes cover (official rounding)."""
+    out = []
+    for (h, w), stride in zip(shapes, strides):
+        m = torch.zeros(len(boxes), 1, h, w, device=device)
+        for b, bx in enumerate(boxes):
+            fx, fy = _factors(image_sizes[b], (h, w), stride, official)
+            for x1, y1, x2, y2 in bx.tolist():
+                m[b, 0, int(y1 * fy): int(y2 * fy) + 1, int(x1 * fx): int(x2 * fx) + 1] = 1
+        out.append(m)
+    return out
 
 
-def expected_sides(box_reg: Tensor, reg_max: int) -> Tensor:
-    """GFL distribution logits [B, A*4*(n+1), H, W] -> expected side distances [B, A, 4, H, W]."""
-    b, _, h, w = box_reg.shape
-    probs = box_reg.view(b, -1, 4, reg_max + 1, h, w).softmax(dim=3)
-    bins = torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)
-    return (probs * bins[:, None, None]).sum(dim=3)
+def _factors(image_size, shape, stride, official: bool) -> tuple[float, float]:
+    if official:  # official: x / img_shape[1] * W, with W the padded map width
+        return shape[1] / image_size[1], shape[0] / image_size[0]
+    return 1.0 / stride, 1.0 / stride
 
 
 class CSKDLoss(nn.Module):
@@ -110,97 +120,145 @@ class CSKDLoss(nn.Module):
         w_cos: float = 0.5,
         predictions: bool = True,
         assistant: bool = True,
-        teacher_num_anchors: int = 1,
-        teacher_box_dim: int = 4,
-        teacher_reg_max: int = 0,
+        num_levels: int = 5,
+        arch: str = "",
+        same_arch: bool = False,
+        head_channels: int = 0,
+        num_anchors: int = 1,
+        box_dim: int = 4,
+        reg_max: int = 0,
+        official_box_scaling: bool = False,
+        assign=None,
+        tower: bool = True,
+        tower_layers: int = 0,
+        teacher_head_channels: int = 0,
     ):
-        """predictions: student and teacher are dense (pred + assistant terms possible).
-        teacher_reg_max > 0: the teacher's box_reg are GFL distribution logits."""
+        """predictions: student and teacher are dense. same_arch: teacher has the student's
+        architecture and box format (pred_box / pred_ctr / assistant apply). assign: the student's
+        assigner, (DetectorOutput, targets) -> per image [N] matched GT index (-1 bg, -2 ignored)."""
         super().__init__()
-        self.adapter = make_adapter(student_channels, teacher_channels)
+        self.mimic = nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
+        for conv in self.mimic:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
         self.num_classes = num_classes
         self.w_mse, self.w_cos = w_mse, w_cos
         self.predictions = predictions
-        self.teacher_num_anchors = teacher_num_anchors
-        self.teacher_reg_max = teacher_reg_max
-        self.assistant = (
-            AssistantHead(student_channels, teacher_num_anchors, num_classes, teacher_box_dim)
-            if predictions and assistant
-            else None
-        )
+        self.same_arch = predictions and same_arch
+        self.arch, self.reg_max = arch, reg_max
+        self.official_box_scaling = official_box_scaling
+        self.assign = assign
+        self.tower = self.same_arch and tower and tower_layers > 0
+        self.tower_mimic = None
+        t_width = teacher_head_channels or teacher_channels
+        h_width = head_channels or student_channels
+        if self.tower and (arch == "fcos" or h_width != t_width):
+            self.tower_mimic = nn.ModuleDict({
+                branch: nn.ModuleList(nn.Conv2d(h_width, t_width, 1) for _ in range(num_levels * tower_layers))
+                for branch in ("cls", "reg")
+            })
+            for convs in self.tower_mimic.values():
+                for conv in convs:
+                    nn.init.normal_(conv.weight, std=0.01)
+                    nn.init.zeros_(conv.bias)
+        self.assistant = None
+        if self.same_arch and assistant:
+            if assign is None:
+                raise ValueError("cskd assistant needs the student's assigner (LossContext.assign)")
+            self.assistant = AssistantHead(arch, head_channels or student_channels, num_anchors, num_classes,
+                                           box_dim, num_levels)
 
     def needs(self) -> set[str]:
         need = {"fpn"}
         if self.predictions:
             need.add("cls")
-        if self.assistant is not None:
-            need |= {"cls", "box"}
+        if self.same_arch:
+            need.add("box")
+            if self.arch == "fcos":
+                need.add("quality")
+        if self.tower:
+            need.add("head")
         return need
 
-    def term(self, s: Tensor, t: Tensor, mask: Tensor) -> Tensor:
-        return cskd_term(s, t, mask, self.w_mse, self.w_cos)
+    def term(self, s: Tensor, t: Tensor, valid: Tensor, select=None, avg_factor=None) -> Tensor:
+        return guided_term(s, t, valid, self.w_mse, self.w_cos, select, avg_factor)
 
     def forward(self, student: DetectorOutput, teacher: TeacherTargets, targets: list[dict]) -> dict[str, Tensor]:
         check_levels(self.name, student.fpn, teacher.fpn)
+        if len(self.mimic) != len(student.fpn):
+            raise ValueError(f"cskd: built for {len(self.mimic)} levels, student has {len(student.fpn)}")
         device = student.fpn[0].device
-        shapes = [f.shape[-2:] for f in student.fpn]
+        shapes = [tuple(f.shape[-2:]) for f in student.fpn]
         valid = valid_masks(student.image_sizes, shapes, student.strides, device)
         gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4) for t in targets]
-        fg = [m * v for m, v in zip(box_masks(gt_boxes, shapes, student.strides, device), valid)]
-        has_gt = sum(len(b) for b in gt_boxes) > 0
-        per_level: dict[str, list[Tensor]] = {"neck": [], "roi": [], "fg": [], "bg": []}
-        for s_map, t_map, stride, v, f in zip(student.fpn, teacher.fpn, student.strides, valid, fg):
-            s, t = self.adapter(s_map.float()), t_map.float().detach()
-            per_level["neck"].append(self.term(s, t, v))
-            per_level["fg"].append(self.term(s, t, f))
-            per_level["bg"].append(self.term(s, t, v - f))
-            if has_gt:
-                # zero padding first: bilinear samples at an image's border must not read it
-                s_roi, t_roi = (self._roi(torch.where(v > 0, x, 0.0), gt_boxes, stride) for x in (s, t))
-                per_level["roi"].append(self.term(s_roi, t_roi, torch.ones_like(s_roi[:, :1])))
-            else:
-                per_level["roi"].append(s.new_zeros(()))
+        fg = [m * v for m, v in zip(box_cells(gt_boxes, student.image_sizes, shapes, student.strides,
+                                              self.official_box_scaling, device), valid)]
+        parts: dict[str, Tensor] = {}
+
+        def add(key: str, value: Tensor) -> None:
+            parts[key] = parts[key] + value if key in parts else value
+
+        for lv, (s_map, t_map, stride, v, f) in enumerate(zip(student.fpn, teacher.fpn, student.strides, valid, fg)):
+            s, t = self.mimic[lv](wide(s_map)), wide(t_map).detach()
+            c = s.shape[1]
+            add("neck", self.term(s, t, v))
+            add("roi", self._roi_term(s, t, v, gt_boxes, student.image_sizes, stride))
+            add("fg", self.term(s, t, v, f, f.sum() * c) if f.sum() > 0 else s.new_zeros(()))
+            bg = v - f
+            add("bg", self.term(s, t, v, bg, bg.sum() * c) if bg.sum() > 0 else s.new_zeros(()))
         if self.predictions:
-            check_levels(self.name, student.cls_logits, teacher.cls_probs)
-            per_level["pred"] = [
-                self.term(*match_class_maps(logits.float().sigmoid(), probs.float(), self.num_classes), v)
-                for logits, probs, v in zip(student.cls_logits, teacher.cls_probs, valid)
-            ]
-        parts = {key: torch.stack(values).mean() for key, values in per_level.items()}
+            self._prediction_terms(student, teacher, valid, fg, add)
+        if self.tower:
+            parts.update(self._tower_terms(student, teacher, valid))
         if self.assistant is not None:
-            parts.update(self._assistant_losses(student, teacher, valid, fg))
+            matched = self.assign(student, targets)
+            parts.update(assistant_losses(self.assistant, student, teacher, targets, matched, valid, fg,
+                                          self.num_classes, self.reg_max))
         return parts
 
-    @staticmethod
-    def _roi(x: Tensor, boxes: list[Tensor], stride: int) -> Tensor:
-        return roi_align(x, boxes, output_size=ROI_SIZE, spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
+    def _roi_term(self, s, t, v, gt_boxes, image_sizes, stride) -> Tensor:
+        if sum(len(b) for b in gt_boxes) == 0:
+            return s.new_zeros(())
+        shape = tuple(s.shape[-2:])
+        rois = []
+        for b, bx in enumerate(gt_boxes):
+            fx, fy = _factors(image_sizes[b], shape, stride, self.official_box_scaling)
+            rois.append((bx * bx.new_tensor([fx, fy, fx, fy])).to(s.dtype))
+        # zero padding first: bilinear samples at an image's border must not read it
+        s_roi, t_roi = (roi_align(torch.where(v > 0, x, 0.0), rois, ROI_SIZE, 1.0, 2, aligned=True) for x in (s, t))
+        return self.term(s_roi, t_roi, torch.ones_like(s_roi[:, :1]))
 
-    def _assistant_losses(self, student, teacher, valid, fg) -> dict[str, Tensor]:
-        """Soft focal class loss and score-weighted L1 box loss, each normalised over all levels."""
-        a, k = self.teacher_num_anchors, self.num_classes
-        cls_sum = cls_count = box_sum = box_weight = 0.0
-        for feat, t_probs, t_box, v, f in zip(student.fpn, teacher.cls_probs, teacher.box_reg, valid, fg):
-            t_probs, t_box = t_probs.float().detach(), t_box.float().detach()
-            if t_probs.shape[1] != a * k:
-                raise ValueError(
-                    f"cskd assistant: teacher class map has {t_probs.shape[1]} channels, expected "
-                    f"{a} anchors x {k} classes; check teacher_arch / num_classes"
-                )
-            logits, box = self.assistant(torch.where(v > 0, feat.float(), 0.0))
-            b, _, h, w = logits.shape
-            t_fg = torch.where(f > 0, t_probs, 0.0)  # teacher probabilities inside GT boxes, 0 elsewhere
-            cls_sum = cls_sum + masked_sum(quality_focal_kd(logits, t_fg, beta=2.0), v)
-            cls_count = cls_count + f.sum() * a
-            if self.teacher_reg_max > 0:
-                pred_sides = expected_sides(box, self.teacher_reg_max)
-                t_sides = expected_sides(t_box, self.teacher_reg_max)
-            else:
-                pred_sides, t_sides = box.view(b, a, -1, h, w), t_box.view(b, a, -1, h, w)
-            l1 = (pred_sides - t_sides).abs().mean(dim=2)  # [B, A, H, W]
-            weight = t_fg.view(b, a, k, h, w).amax(dim=2)  # inside a GT box x teacher max score
-            box_sum = box_sum + masked_sum(l1, weight)
-            box_weight = box_weight + weight.sum()
-        return {
-            "assist_cls": cls_sum / torch.as_tensor(cls_count).clamp_min(1.0),
-            "assist_box": box_sum / soft_positive_count(torch.as_tensor(box_weight)),
-        }
+    def _prediction_terms(self, student, teacher, valid, fg, add) -> None:
+        check_levels(self.name, student.cls_logits, teacher.cls_probs)
+        cls_avg = self.arch == "gfl" and self.same_arch  # official GFL: avg_factor=True for cls
+        for lv, (v, f) in enumerate(zip(valid, fg)):
+            sp, tp = match_class_maps(wide(student.cls_logits[lv]).sigmoid(), wide(teacher.cls_probs[lv]),
+                                      self.num_classes)
+            add("pred_cls", self.term(sp, tp, v, None, (f.sum() * sp.shape[1]).clamp_min(1) if cls_avg else None))
+            if not self.same_arch:
+                continue
+            s_box, t_box = wide(student.box_reg[lv]), wide(teacher.box_reg[lv])
+            add("pred_box", self.term(s_box, t_box, v, None, (f.sum() * s_box.shape[1]).clamp_min(1)))
+            if self.arch == "fcos" and student.quality and teacher.quality:
+                s_q, t_q = wide(student.quality[lv]).sigmoid(), wide(teacher.quality[lv])
+                add("pred_ctr", self.term(s_q, t_q, v, None, (f.sum() * s_q.shape[1]).clamp_min(1)))
+
+    def _tower_terms(self, student, teacher, valid) -> dict[str, Tensor]:
+        """Official Distillbranch: per tower layer, the plain term summed over levels; mean over layers."""
+        if teacher.head is None:
+            raise ValueError("cskd tower terms need the teacher's dense head (TeacherTargets.head)")
+        with torch.no_grad():
+            t_out = teacher.head([wide(m) for m in teacher.fpn])
+        out = {}
+        for branch, s_tower, t_tower in (("cls", student.cls_tower, t_out.cls_tower),
+                                         ("reg", student.reg_tower, t_out.reg_tower)):
+            layers = min(len(s_tower.post), len(t_tower.post))
+            total = 0.0
+            for i in range(layers):
+                for lv, (s_map, t_map, v) in enumerate(zip(s_tower.post[i], t_tower.post[i], valid)):
+                    s_map = wide(s_map)
+                    if self.tower_mimic is not None:
+                        s_map = self.tower_mimic[branch][i * len(valid) + lv](s_map)
+                    total = total + self.term(s_map, wide(t_map), v)
+            out[f"tower_{branch}"] = total / max(layers, 1)
+        return out

@@ -3,16 +3,29 @@ Object Detection via Rank Mimicking and Prediction-guided Feature Imitation", AA
 
 RM (paper weight 4): per GT, the teacher's assigner picked candidate anchors M and scored them at
 the GT's class (`teacher.candidates[b][g] = (index [M] into the flattened anchors, scores [M])`).
-The student scores the SAME anchors at the same class (sigmoid of its logits); the loss is
-KL(softmax(teacher scores) || softmax(student scores)) over the candidates, anchor by anchor (no
-sorting: the point is to keep the teacher's ranking of each anchor), mean over the batch's GTs
-with at least 2 candidates on valid cells (candidates on padded cells are dropped). The indices
-address `flatten_levels` order, so student and teacher need the same anchors per location.
+The student scores the SAME anchors at the same class; the loss is
+KL(softmax(z_t / T) || softmax(z_s / T)) over the candidates, anchor by anchor (no sorting: the
+point is to keep the teacher's ranking of each anchor), mean over the batch's GTs with at least 2
+candidates on valid cells (candidates on padded cells are dropped). The indices address
+`flatten_levels` order, so student and teacher need the same anchors per location.
+z (`rm.scores`): "logits" (default) = the pre-sigmoid class scores (the cache stores the teacher's
+sigmoid probability p; z_t = log(p / (1 - p)), p clamped to [1e-6, 1 - 1e-6]); "probs" = the
+sigmoid probabilities (the old behaviour: a softmax over values in [0, 1] is nearly uniform, so
+the rank signal is weak). T (`rm.temperature`) = 1. The paper's exact definition of the score fed
+to the softmax could not be read here (its method text was not reachable); logits are chosen
+because a softmax over probabilities cannot express the teacher's ranking sharply.
+
+| paper term | here         | weight (caller)   | normaliser                 |
+|------------|--------------|-------------------|----------------------------|
+| L_RM       | rm/rank      | 4                 | number of GTs (>= 2 candidates) |
+| L_PFI      | pfi/fpn      | 1.5               | mean over valid cells per level, mean over levels |
 
 PFI (paper weight 1.5): per level and valid cell, the weight P = mean over the A*K class channels of
 (student prob - teacher prob)^2 (detached: a guide, not a target; per-location max over anchors when
 A differs) scales the feature imitation F = mean over channels of (adapter(student FPN) - teacher
-FPN)^2; the loss is mean over valid cells of P * F, averaged over levels. It needs dense predictions
+FPN)^2; the loss is mean over valid cells of P * F, averaged over levels. The detach of P and
+the mean over levels are kept as they were: the paper text that would settle them could not be
+read here. It needs dense predictions
 on both sides: for Faster R-CNN the registry refuses it (uniform weights would just be `mse`).
 """
 
@@ -33,12 +46,18 @@ def rank_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
                     reduction="sum")
 
 
+PROB_EPS = 1e-6
+
+
 class RankMimicLoss(nn.Module):
     name = "rm"
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, scores: str = "logits", temperature: float = 1.0):
         super().__init__()
+        if scores not in ("logits", "probs") or temperature <= 0:
+            raise ValueError(f"rm: scores must be logits|probs and temperature > 0, got {scores!r}, {temperature}")
         self.num_classes = num_classes
+        self.use_logits, self.temperature = scores == "logits", temperature
 
     def needs(self) -> set[str]:
         return {"candidates"}
@@ -67,8 +86,13 @@ class RankMimicLoss(nn.Module):
                 keep = anchor_valid[b, index]
                 if int(keep.sum()) < 2:
                     continue
-                s_scores = logits[b, index[keep], label].sigmoid()
-                terms.append(rank_kl(t_scores.to(logits.device).float()[keep], s_scores))
+                s_z = logits[b, index[keep], label]
+                t_z = t_scores.to(logits.device).float()[keep]
+                if self.use_logits:
+                    t_z = torch.logit(t_z.clamp(PROB_EPS, 1 - PROB_EPS))
+                else:
+                    s_z = s_z.sigmoid()
+                terms.append(rank_kl(t_z / self.temperature, s_z / self.temperature))
         if not terms:
             return {"rank": logits.new_zeros(())}
         return {"rank": torch.stack(terms).mean()}

@@ -6,6 +6,9 @@ so the training loop optimises and checkpoints them with the student. Its forwar
 
 Default weights belong to params.yaml; the papers use: cskd 1 (w_mse 1, w_cos 0.5 inside),
 ssim 2-4, rm 4, pfi 1.5, crosskd 1 (per-part weights inside, from the official configs).
+CSKD's assistant and CrossKD normalise by the student assigner's positives: `LossContext.assign`
+(built by stage 2 from the student detector); without it CSKD leaves the assistant out (its
+docstring says so) and CrossKD refuses at its first step.
 
 Faster R-CNN has no dense predictions. For a faster_rcnn student (or teacher) the registry refuses
 crosskd, rm and pfi (pfi's weights come from dense class maps; with uniform weights it would be mse)
@@ -14,6 +17,7 @@ and builds cskd with its FPN terms only (neck, roi, fg, bg).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +50,11 @@ class LossContext:
     reg_max: int
     student_dense: bool
     teacher_has_quality: bool
+    # the student's assigner, (student output, targets) -> per image [N] matched GT index (-1 background,
+    # -2 ignored); CSKD's assistant and CrossKD normalise by its positives (None: those losses refuse)
+    assign: Callable | None = None
+    student_head_convs: int = 0  # tower layers per branch (CSKD's tower terms pair them up)
+    teacher_head_convs: int = 0
 
 
 LOSS_NAMES = ("mse", "cosine", "cskd", "ssim", "crosskd", "rm", "pfi")
@@ -120,21 +129,26 @@ def _build_one(name: str, ctx: LossContext, distill: DistillParams) -> nn.Module
         return CosineFeatureLoss(ctx.student_channels, ctx.teacher_channels)
     if name == "ssim":
         p = distill.ssim
-        return SSIMLoss(ctx.student_channels, ctx.teacher_channels, p.window, p.sigma, p.adapter)
+        return SSIMLoss(ctx.student_channels, ctx.teacher_channels, p.window, p.sigma, p.adapter,
+                        minmax=p.minmax, levels=p.levels, half=p.half)
     if name == "cskd":
         p = distill.cskd
+        same = dense and ctx.student_arch == ctx.teacher_arch and ctx.box_dim == ctx.teacher_box_dim
         return CSKDLoss(
             ctx.student_channels, ctx.teacher_channels, ctx.num_classes, w_mse=p.w_mse, w_cos=p.w_cos,
-            predictions=dense, assistant=p.assistant,
-            teacher_num_anchors=_teacher_anchors(ctx) if dense else 1,
-            teacher_box_dim=ctx.teacher_box_dim,
-            teacher_reg_max=ctx.teacher_box_dim // 4 - 1 if ctx.teacher_arch == "gfl" else 0,
+            predictions=dense, assistant=p.assistant and ctx.assign is not None, num_levels=ctx.num_levels,
+            arch=ctx.student_arch, same_arch=same, head_channels=ctx.student_head_channels,
+            num_anchors=ctx.num_anchors, box_dim=ctx.box_dim, reg_max=ctx.reg_max,
+            official_box_scaling=p.official_box_scaling, assign=ctx.assign, tower=p.tower,
+            tower_layers=min(ctx.student_head_convs, ctx.teacher_head_convs),
+            teacher_head_channels=ctx.teacher_head_channels,
         )
     if name == "crosskd":
         return CrossKDLoss(ctx.student_arch, ctx.num_classes, ctx.student_head_channels,
-                           ctx.teacher_head_channels, ctx.reg_max)
+                           ctx.teacher_head_channels, ctx.reg_max, gfl_giou=distill.crosskd.gfl_giou,
+                           assign=ctx.assign)
     if name == "rm":
-        return RankMimicLoss(ctx.num_classes)
+        return RankMimicLoss(ctx.num_classes, distill.rm.scores, distill.rm.temperature)
     if name == "pfi":
         return PFILoss(ctx.student_channels, ctx.teacher_channels, ctx.num_classes)
     raise AssertionError(name)

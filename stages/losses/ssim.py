@@ -1,15 +1,25 @@
-"""Structural KD (de Rijk et al., "Structural Knowledge Distillation for Object Detection"):
-(1 - SSIM) / 2 between student and teacher FPN maps instead of an Lp distance.
+"""Structural KD (de Rijk et al., "Structural Knowledge Distillation for Object Detection",
+NeurIPS 2022; no official code). The paper's feature loss is
+    L = sum over the K neck outputs of (1 / N_k) * sum over the level's H*W*C elements of D(phi(T), phi(a(S)))
+phi: min-max rescaling to [0, 1]; a: optional 1x1 adapter; D: an SSIM-based dissimilarity with an
+11x11 Gaussian window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1 (the dynamic range after phi).
 
-Per image, per level, per channel: crop the image's valid cells, min-max normalise each channel
-map to [0, 1] over those cells (student and teacher separately), then SSIM with a Gaussian window
-(11, sigma 1.5; `DistillParams.ssim`), constants C1 = 0.01^2, C2 = 0.03^2 (dynamic range 1).
-Windows at the border (and maps smaller than the window, e.g. P7 of a small image: 1 x 2 cells)
-read replicate padding of the valid block, so padding of the batch never enters. The loss is the
-mean of (1 - SSIM) / 2 over channels and cells, averaged over images, then over levels.
-The paper weighs it with lambda ~ 2-4 (the caller's weight). Student widths differing from the
-teacher's need the 1x1 adapter (always built then); with equal widths it is optional
-(`DistillParams.ssim.adapter`).
+| paper term                  | here                              | weight / normaliser                      |
+|-----------------------------|-----------------------------------|------------------------------------------|
+| phi (min-max)               | `minmax` per image map (all channels and valid cells of a level; `ssim.minmax: map`) | - |
+| SSIM(x, y) per cell         | `ssim_map` (valid Gaussian filtering, as Wang et al. and pytorch-msssim) | - |
+| D                           | (1 - SSIM) / 2 (`ssim.half: true`; false = 1 - SSIM) | -                  |
+| 1/N_k sum over elements     | mean over channels and cells per image, mean over images | N_k = C*h*w       |
+| sum over k                  | sum over levels (`ssim.levels: sum`; mean = the old behaviour) | -             |
+| lambda                      | the caller's weight (`distill.losses.ssim`)  | paper: 2-4                       |
+What could not be read here: the method section of the paper beyond the general form above (its
+text was not reachable through the tools available), so the granularity of phi (per map, the
+default: the general form applies phi to the level's whole tensor; per channel would make the loss
+blind to per-channel scale) and the 1/2 in D are documented choices, each a param.
+Maps smaller than the window (e.g. P7 of a small image): each short side is replicate-padded to the
+window size before the (valid) filtering; pytorch-msssim instead skips filtering along such a side.
+On maps >= 11 x 11 this module agrees with pytorch-msssim (tests/test_losses_conformance.py).
+Each image's valid block is cropped first, so the batch's padding never enters.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.detectors.contract import DetectorOutput
-from stages.losses.common import check_levels, crop_valid
+from stages.losses.common import check_levels, crop_valid, wide
 from stages.losses.targets import TeacherTargets
 
 C1 = 0.01**2
@@ -33,15 +43,18 @@ def gaussian_window(size: int, sigma: float) -> Tensor:
     return g / g.sum()
 
 
-def minmax(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each channel of x [C, h, w] mapped to [0, 1] over its cells."""
-    flat = x.flatten(1)
-    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    return (x - lo[:, None, None]) / (hi - lo + eps)[:, None, None]
+def minmax(x: Tensor, eps: float = 1e-6, per_channel: bool = False) -> Tensor:
+    """x [C, h, w] mapped to [0, 1]: over the whole map (default) or each channel over its cells."""
+    if per_channel:
+        flat = x.flatten(1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        return (x - lo[:, None, None]) / (hi - lo + eps)[:, None, None]
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo + eps)
 
 
 def ssim_map(x: Tensor, y: Tensor, window: Tensor) -> Tensor:
-    """Per-cell SSIM of x, y [C, h, w] (values in [0, 1]) with separable window [k]; replicate padding.
+    """SSIM of x, y [C, h, w] (values in [0, 1]) with separable window [k] at each valid window position.
 
     Runs in float32 or wider, autocast off: var = E[x^2] - mu^2 cancels badly in bf16."""
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -51,8 +64,11 @@ def ssim_map(x: Tensor, y: Tensor, window: Tensor) -> Tensor:
         wx = window.view(1, 1, 1, k).expand(c, 1, 1, k)
         wy = window.view(1, 1, k, 1).expand(c, 1, k, 1)
 
-        def blur(z: Tensor) -> Tensor:
-            z = F.pad(z[None], (k // 2, k // 2, k // 2, k // 2), mode="replicate")
+        ph, pw = max(0, k - x.shape[1]), max(0, k - x.shape[2])
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+        def blur(z: Tensor) -> Tensor:  # valid filtering; short sides replicate-padded to the window
+            z = F.pad(z[None], pad, mode="replicate") if ph or pw else z[None]
             return F.conv2d(F.conv2d(z, wx, groups=c), wy, groups=c)[0]
 
         mu_x, mu_y = blur(x), blur(y)
@@ -68,8 +84,11 @@ class SSIMLoss(nn.Module):
     name = "ssim"
 
     def __init__(self, student_channels: int, teacher_channels: int, window: int = 11, sigma: float = 1.5,
-                 adapter: bool = False):
+                 adapter: bool = False, minmax: str = "map", levels: str = "sum", half: bool = True):
         super().__init__()
+        if minmax not in ("map", "channel") or levels not in ("sum", "mean"):
+            raise ValueError(f"ssim: minmax must be map|channel, levels sum|mean; got {minmax!r}, {levels!r}")
+        self.per_channel, self.level_sum, self.half = minmax == "channel", levels == "sum", half
         if window < 1 or window % 2 == 0:
             raise ValueError(f"ssim window must be a positive odd number, got {window}")
         if adapter or student_channels != teacher_channels:
@@ -86,11 +105,13 @@ class SSIMLoss(nn.Module):
         window = self.window.to(student.fpn[0].device)
         levels = []
         for s_map, t_map, stride in zip(student.fpn, teacher.fpn, student.strides):
-            s_map, t_map = self.adapter(s_map.float()), t_map.float().detach()
-            per_image = [
-                ((1 - ssim_map(minmax(crop_valid(s_map, b, size, stride)),
-                               minmax(crop_valid(t_map, b, size, stride)), window)) / 2).mean()
-                for b, size in enumerate(student.image_sizes)
-            ]
+            s_map, t_map = self.adapter(wide(s_map)), wide(t_map).detach()
+            per_image = []
+            for b, size in enumerate(student.image_sizes):
+                x = minmax(crop_valid(s_map, b, size, stride), per_channel=self.per_channel)
+                y = minmax(crop_valid(t_map, b, size, stride), per_channel=self.per_channel)
+                d = 1 - ssim_map(x, y, window)
+                per_image.append((d / 2 if self.half else d).mean())
             levels.append(torch.stack(per_image).mean())
-        return {"fpn": torch.stack(levels).mean()}
+        total = torch.stack(levels)
+        return {"fpn": total.sum() if self.level_sum else total.mean()}
