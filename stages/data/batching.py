@@ -136,10 +136,12 @@ class ViewDataset(torch.utils.data.Dataset):
         idx, view = self.pair(int(i))
         sample = self.dataset[idx]
         image, boxes = view.apply(sample.image, sample.boxes)
+        crowd = view.boxes_to_view(sample.crowd_boxes, sample.image.shape[:2]).astype(np.float32, copy=False)
         return {
             "image": image_to_tensor(image),
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(sample.labels),
+            "crowd_boxes": torch.from_numpy(np.ascontiguousarray(crowd).reshape(-1, 4)),  # ignore regions
             "image_id": sample.image_id,
             "view": view.key,
             "orig_size": (int(sample.image.shape[0]), int(sample.image.shape[1])),
@@ -155,20 +157,29 @@ _KNOWN = {
 
 
 def collate(items: list[dict]) -> dict:
-    """ViewDataset items -> {'images': [B,3,Hp,Wp], 'image_sizes': [(h, w)], 'targets': [{'boxes','labels'}],
-    'image_ids', 'views', 'orig_sizes'}; any other item keys are passed through as lists under their own name."""
+    """ViewDataset items -> {'images': [B,3,Hp,Wp], 'image_sizes': [(h, w)], 'targets': [{'boxes','labels'
+    [, 'crowd_boxes']}], 'image_ids', 'views', 'orig_sizes'}; any other item keys are passed through as lists
+    under their own name. 'crowd_boxes' (iscrowd regions) join the targets only where an item has some."""
     if not items:
         raise ValueError("collate needs at least one item")
     images, sizes = pad_batch([it["image"] for it in items])
     out: dict = {
         "images": images,
         "image_sizes": sizes,
-        "targets": [{"boxes": it["boxes"], "labels": it["labels"]} for it in items],
+        "targets": [_target(it) for it in items],
         "image_ids": [it["image_id"] for it in items],
         "views": [it["view"] for it in items],
         "orig_sizes": [tuple(it["orig_size"]) for it in items],
     }
     for key in items[0]:
-        if key not in _KNOWN and key not in ("boxes", "labels"):
+        if key not in _KNOWN and key not in ("boxes", "labels", "crowd_boxes"):
             out[key] = [it[key] for it in items]
     return out
+
+
+def _target(item: dict) -> dict:
+    target = {"boxes": item["boxes"], "labels": item["labels"]}
+    crowd = item.get("crowd_boxes")
+    if crowd is not None and len(crowd):
+        target["crowd_boxes"] = crowd
+    return target

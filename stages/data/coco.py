@@ -11,7 +11,12 @@ truncated or corrupt file raises `CocoDataError` naming it; LOAD_TRUNCATED_IMAGE
 converts it to RGB uint8 and turns the annotations into training boxes:
 
 * COCO `[x, y, w, h]` -> xyxy float32 pixels, clipped to the image;
-* `iscrowd=1` annotations are excluded;
+* `iscrowd=1` annotations are not training boxes: they become `crowd_boxes`, ignore regions that
+  the dense detectors' assignment leaves out of the loss (as detectron2 / mmdet's ignore IoF do);
+* `segmentation` fields are never read (no mask is decoded); missing `info` / `licenses` are fine;
+* category ids may be sparse (COCO's 1..90 with gaps): labels are positions, ids stay the ids;
+* `exif_transpose=True` applies the EXIF Orientation tag first (off by default, as COCO's boxes
+  are in the stored pixel frame);
 * degenerate boxes (NaN / infinite / negative size, or width or height <= `MIN_BOX_SIDE` px after
   clipping) are dropped with a `warnings.warn` naming the image id and annotation id (once per
   annotation per dataset object);
@@ -32,12 +37,12 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MIN_BOX_SIDE = 1.0  # boxes whose clipped width or height is <= this many pixels are dropped
 
@@ -55,6 +60,8 @@ class Sample:
     image: np.ndarray  # [H, W, 3] uint8 RGB
     boxes: np.ndarray  # [N, 4] float32 xyxy pixels, clipped, degenerate dropped, crowd excluded
     labels: np.ndarray  # [N] int64 contiguous 0-based class index (categories sorted by id)
+    # [M, 4] float32 xyxy pixels of the iscrowd=1 annotations, clipped: ignore regions, not objects
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
 def _is_int(x: Any) -> bool:
@@ -65,13 +72,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def decode_image(path: str | Path) -> np.ndarray:
+def decode_image(path: str | Path, exif_transpose: bool = False) -> np.ndarray:
     """Decode an image file fully into [H, W, 3] uint8 RGB; CocoDataError naming the file on failure."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()  # decodes everything: truncated / corrupt data raises here
-            return _to_rgb(im)
+            return _to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im)
     except FileNotFoundError as err:
         raise CocoDataError(f"{path}: image file not found; check images_dir and file_name") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -103,15 +110,24 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 class CocoDataset:
     """A COCO instances file plus its image folder; see the module docstring for the checks."""
 
-    def __init__(self, images_dir: str | Path, ann_file: str | Path):
+    def __init__(self, images_dir: str | Path, ann_file: str | Path, exif_transpose: bool = False):
         self.images_dir = Path(images_dir)
         self.ann_file = Path(ann_file)
+        self.exif_transpose = bool(exif_transpose)
         data = self._read_json()
         self._validate_and_index(data)
         self._check_files()
         self._coco = None
         self._fingerprint: dict | None = None
         self._warned: set[int] = set()
+
+    @classmethod
+    def from_params(cls, data, split: str = "train") -> CocoDataset:
+        """The 'train' or 'val' set of a `DataParams` (with its `exif_transpose` setting)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return cls(getattr(data, f"{split}_images"), getattr(data, f"{split}_ann"),
+                   exif_transpose=getattr(data, "exif_transpose", False))
 
     # ------------------------------------------------------------------ construction
     def _err(self, msg: str) -> CocoDataError:
@@ -300,6 +316,8 @@ class CocoDataset:
         try:
             with Image.open(path) as im:
                 w, h = im.size
+                if self.exif_transpose and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90
+                    w, h = h, w
         except OSError as err:
             raise CocoDataError(f"{path} (image id {image_id}): cannot read the image header ({err}); fix or remove it") from None
         return h, w
@@ -311,22 +329,26 @@ class CocoDataset:
         info = self.image_info(image_id)
         image_id = int(image_id)
         path = self.images_dir / info["file_name"]
-        image = decode_image(path)
+        image = decode_image(path, self.exif_transpose)
         h, w = image.shape[:2]
         if ("width" in info and info["width"] != w) or ("height" in info and info["height"] != h):
             raise CocoDataError(
                 f"{path}: image is {w}x{h} but {self.ann_file} says {info.get('width')}x{info.get('height')} "
                 f"(image id {image_id}); fix width/height or the file"
             )
-        boxes, labels = self._boxes(image_id, h, w)
-        return Sample(image_id=image_id, file_name=info["file_name"], image=image, boxes=boxes, labels=labels)
+        boxes, labels, crowd = self._boxes(image_id, h, w)
+        return Sample(image_id=image_id, file_name=info["file_name"], image=image, boxes=boxes, labels=labels,
+                      crowd_boxes=crowd)
 
-    def _boxes(self, image_id: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        boxes, labels = [], []
+    def _boxes(self, image_id: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, labels, crowd = [], [], []
         for ann in self._anns[image_id]:
-            if ann.get("iscrowd", 0):
-                continue
             x, y, bw, bh = (float(v) for v in ann["bbox"])
+            if ann.get("iscrowd", 0):
+                if all(math.isfinite(v) for v in (x, y, bw, bh)) and bw > 0 and bh > 0:
+                    crowd.append((min(max(x, 0.0), w), min(max(y, 0.0), h),
+                                  min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)))
+                continue
             reason = None
             if not all(math.isfinite(v) for v in (x, y, bw, bh)):
                 reason = "non-finite coordinates"
@@ -351,6 +373,7 @@ class CocoDataset:
         return (
             np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             np.asarray(labels, dtype=np.int64).reshape(-1),
+            np.asarray(crowd, dtype=np.float32).reshape(-1, 4),
         )
 
     def fingerprint(self) -> dict:

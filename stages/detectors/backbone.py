@@ -25,12 +25,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
-def build_backbone(name: str, fpn_channels: int, pretrained: str = "") -> BackboneWithFPN:
-    """ResNet `name` (weights=None, trainable BN) + FPN on C3..C5 + P6/P7 from P5.
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """mmdetection's extra levels (`relu_before_extra_convs=False`): P7 = conv(P6), no ReLU between."""
+
+    def forward(self, p, c, names):
+        x = c[-1] if not self.use_P5 else p[-1]
+        p6 = self.p6(x)
+        p.extend([p6, self.p7(p6)])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
+def build_backbone(
+    name: str, fpn_channels: int, pretrained: str = "", variant: str = "", arch: str = ""
+) -> BackboneWithFPN:
+    """ResNet `name` (weights=None, trainable BN) + FPN on C3..C5 + P6/P7.
 
     Returns the torchvision `BackboneWithFPN`; its forward gives an OrderedDict
     {'0': P3, '1': P4, '2': P5, 'p6': P6, 'p7': P7}, each [B, fpn_channels, H/s, W/s].
     `pretrained`: optional local path to a torchvision ResNet state_dict (no downloads).
+    `variant` (ModelParams.variant) picks the extra levels of the checkpoint family:
+      ''/'tv_v1': P6 = conv(P5), P7 = conv(relu(P6))   (torchvision v1 RetinaNet / FCOS)
+      'tv_v2'   : P6 = conv(C5), P7 = conv(relu(P6))   (torchvision retinanet_resnet50_fpn_v2)
+      'mmdet'   : P7 = conv(P6) without ReLU; P6 from C5 for RetinaNet ('on_input'), else from P5;
+                  FCOS ('on_output', relu_before_extra_convs) is torchvision's v1 layout
+      'mmdet_caffe': the same on a caffe-style ResNet (stride 2 in each stage's first 1x1 conv)
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
@@ -39,14 +58,33 @@ def build_backbone(name: str, fpn_channels: int, pretrained: str = "") -> Backbo
     net = getattr(resnet, name)(weights=None)
     if pretrained:
         load_resnet_weights(net, pretrained)
+    if variant == "mmdet_caffe":
+        caffe_strides(net)
     c5 = net.fc.in_features  # 512 (basic blocks) or 2048 (bottlenecks)
     return BackboneWithFPN(
         net,
         return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
         in_channels_list=[c5 // 4, c5 // 2, c5],
         out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+        extra_blocks=extra_levels(c5, fpn_channels, variant, arch),
     )
+
+
+def caffe_strides(net: nn.Module) -> None:
+    """mmdet's style='caffe' ResNet: each stage's downsampling stride sits in the first 1x1 conv of its
+    first bottleneck instead of the 3x3 (same weights, other features)."""
+    for layer in (net.layer2, net.layer3, net.layer4):
+        block = layer[0]
+        if not hasattr(block, "conv3"):
+            raise ValueError("a caffe-style ResNet needs bottleneck blocks (resnet50/101)")
+        block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
+
+
+def extra_levels(c5: int, fpn_channels: int, variant: str, arch: str) -> LastLevelP6P7:
+    mmdet = variant in ("mmdet", "mmdet_caffe")
+    from_c5 = variant == "tv_v2" or (mmdet and arch == "retinanet")
+    cls = LastLevelP6P7NoReLU if mmdet and arch != "fcos" else LastLevelP6P7
+    return cls(c5 if from_c5 else fpn_channels, fpn_channels)
 
 
 def load_resnet_weights(net: nn.Module, path: str | Path) -> None:

@@ -19,7 +19,11 @@ from stages.detectors.backbone import IMAGENET_MEAN, IMAGENET_STD, STRIDES, buil
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stages.detectors.heads import TowerHead
 
+CAFFE_MEAN = (103.530 / 255, 116.280 / 255, 123.675 / 255)  # BGR, in [0, 1] units
+CAFFE_STD = (1 / 255, 1 / 255, 1 / 255)  # x / (1/255) - mean = 255 x - mean: caffe's 0-255 input
 TOPK_CANDIDATES = 1000  # per level, before NMS (torchvision's RetinaNet/FCOS default)
+CROWD_IOF = 0.5  # a negative anchor covered more than this by an iscrowd region is ignored
+IGNORE = -2  # `match` value of an ignored anchor (torchvision's Matcher.BETWEEN_THRESHOLDS)
 
 
 class Detector(nn.Module):
@@ -45,13 +49,22 @@ class Detector(nn.Module):
         self.nms_thresh = cfg.nms_thresh
         self.detections_per_img = cfg.detections_per_img
         self.topk_candidates = TOPK_CANDIDATES
-        self.backbone = build_backbone(cfg.backbone, cfg.fpn_channels, cfg.pretrained_backbone)
+        self.variant = cfg.variant
+        self.backbone = self.make_backbone(cfg)
         # not persistent: state_dicts stay key-for-key torchvision's
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD), persistent=False)
+        # caffe-style weights (mmdet style='caffe') see BGR in 0-255 minus the mean, std 1
+        self.bgr = cfg.variant == "mmdet_caffe"
+        mean, std = (CAFFE_MEAN, CAFFE_STD) if self.bgr else (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("image_mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std), persistent=False)
+
+    def make_backbone(self, cfg: ModelParams) -> nn.Module:
+        return build_backbone(cfg.backbone, cfg.fpn_channels, cfg.pretrained_backbone, cfg.variant, self.arch)
 
     def extract(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> OrderedDict[str, Tensor]:
         """Normalised padded batch -> FPN {'0': P3, '1': P4, '2': P5, 'p6': P6, 'p7': P7}."""
+        if self.bgr:
+            images = images.flip(1)
         return self.backbone(normalize_batch(images, image_sizes, self.image_mean, self.image_std))
 
     def prepare_targets(
@@ -64,7 +77,10 @@ class Detector(nn.Module):
             labels = torch.as_tensor(t["labels"], dtype=torch.int64, device=device).reshape(-1)
             if len(boxes) != len(labels):
                 raise ValueError(f"target {i}: {len(boxes)} boxes but {len(labels)} labels")
-            out.append({"boxes": boxes, "labels": labels})
+            target = {"boxes": boxes, "labels": labels}
+            if "crowd_boxes" in t:  # iscrowd regions: ignored by the assignment, never positives
+                target["crowd_boxes"] = torch.as_tensor(t["crowd_boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
+            out.append(target)
         labels = torch.cat([t["labels"] for t in out]) if out else torch.zeros(0)
         if len(labels) and not bool(
             ((labels >= 0) & (labels < self.num_classes)).all()
@@ -77,6 +93,19 @@ class Detector(nn.Module):
 
     def candidates(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[list[Tensor]]:
         raise TypeError(f"{self.arch} is not a dense detector: it has no per-anchor candidates")
+
+
+def ignore_crowd(anchors: Tensor, matched: Tensor, crowd: Tensor | None, thresh: float = CROWD_IOF) -> Tensor:
+    """Mark negatives whose intersection with an iscrowd region exceeds `thresh` of the anchor's own
+    area (IoF, mmdet's `ignore_iof_thr`) as IGNORE: they are neither positives nor negatives."""
+    if crowd is None or crowd.numel() == 0:
+        return matched
+    lt = torch.maximum(anchors[:, None, :2], crowd[None, :, :2])
+    rb = torch.minimum(anchors[:, None, 2:], crowd[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)  # [N, M]
+    area = (anchors[:, 2:] - anchors[:, :2]).clamp(min=1e-6).prod(dim=1)
+    covered = (inter / area[:, None]).amax(dim=1) > thresh
+    return torch.where((matched < 0) & covered, torch.full_like(matched, IGNORE), matched)
 
 
 def crosskd_run_from_index(paper_index: int, head_convs: int) -> int:
@@ -159,7 +188,8 @@ class DenseDetector(Detector):
         """Flattened anchors [N, 4] and each image's `match` result."""
         anchors = torch.cat(out.anchors)
         per_level = [len(a) for a in out.anchors]
-        return anchors, [self.match(anchors, per_level, t["boxes"]) for t in targets]
+        return anchors, [ignore_crowd(anchors, self.match(anchors, per_level, t["boxes"]), t.get("crowd_boxes"))
+                         for t in targets]
 
     def candidates(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[list[Tensor]]:
         """Per image, per GT: indices into the flattened anchors the assigner makes positive for it."""

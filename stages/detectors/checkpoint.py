@@ -1,19 +1,64 @@
-"""Teacher checkpoints: read safely (`weights_only=True`) and build the detector they hold.
+"""Teacher checkpoints: read safely, recognise what they hold, map their classes onto the dataset.
 
-A kdcache checkpoint carries its architecture (`model_params`); a raw torchvision-style
-state_dict is described by the params' `teacher.model`.
+Three formats, told apart by their keys (no `teacher.model` needed to describe them):
+  kdcache      {'model', 'model_params', 'num_classes'[, 'categories']} written by train_teacher;
+  torchvision  a raw state_dict (torchvision's COCO checkpoints, or a raw zoo state_dict), or a
+               torchvision-references training checkpoint {'model': state_dict, ...};
+  mmdet        {'meta', 'state_dict'} of mmdetection 2.x / 3.x (RetinaNet, GFL).
+`open_teacher` gives a `TeacherFile`; `load_teacher` builds the zoo detector with the class rows
+sliced to a `LabelMap` (see `label_space`), so the teacher predicts exactly the dataset's categories.
+Files are read with `torch.load(weights_only=True)`; mmdet's non-tensor meta objects become inert
+stubs (`mmdet_import.safe_load`), never unpickled code.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import Tensor
 
 from stages.config import ModelParams, from_dict, to_dict
+from stages.detectors import mmdet_import, torchvision_import
 from stages.detectors.base import Detector
-from stages.detectors.build import load_detector
+from stages.detectors.build import ARCH_FIELDS, build_detector, load_weights
+from stages.detectors.label_space import LabelMap, LabelSpace, map_labels, slice_classes, unnamed
+
+KNOBS = ("score_thresh", "nms_thresh", "detections_per_img")  # inference settings params may change
+_CACHE: dict[tuple, TeacherFile] = {}
+_SAID: set[str] = set()
+
+
+@dataclass
+class TeacherFile:
+    """What a checkpoint file holds, in the zoo's terms."""
+
+    path: str
+    format: str  # 'kdcache' | 'torchvision' | 'mmdet'
+    name: str  # e.g. 'torchvision retinanet_resnet50_fpn_v2'
+    model: ModelParams  # the zoo architecture that holds these weights
+    num_outputs: int  # class outputs (Faster R-CNN: without background)
+    label_space: LabelSpace
+    weights: dict[str, Tensor] = field(repr=False)
+    unmatched: list[str] = field(default_factory=list)  # file keys mapped onto nothing (ignored)
+    missing: list[str] = field(default_factory=list)  # zoo keys the file does not fill
+
+    def describe(self) -> str:
+        m = self.model
+        head = "no dense head" if m.arch == "faster_rcnn" else f"{m.head_convs} head convs"
+        variant = f" ({m.variant})" if m.variant else ""
+        return (f"{self.format} checkpoint: {self.name}: arch {m.arch}{variant}, backbone {m.backbone}, "
+                f"FPN {m.fpn_channels}, {head}, {self.num_outputs} class outputs, label space "
+                f"{self.label_space.describe()}")
+
+
+def say(line: str) -> None:
+    """One informational line on stderr, once per process (params are loaded several times)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
 
 
 def read_checkpoint(checkpoint: str | Path) -> dict:
@@ -23,7 +68,9 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
             f"teacher checkpoint {path} not found: train it (python -m pipeline.train_teacher) or set teacher.checkpoint"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = mmdet_import.safe_load(path)
+    except ValueError as err:
+        raise ValueError(f"teacher checkpoint {err}") from None
     except Exception as err:  # truncated file, foreign pickle, ...
         raise ValueError(f"teacher checkpoint {path} is not readable ({type(err).__name__}); retrain or replace it") from None
     if not isinstance(state, dict):
@@ -31,22 +78,144 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     return state
 
 
+def open_teacher(checkpoint: str | Path, fallback: ModelParams | None = None) -> TeacherFile:
+    """Recognise `checkpoint` (cached per file path, size and mtime). `fallback` (params'
+    teacher.model) supplies the inference knobs of imported checkpoints."""
+    path = Path(checkpoint)
+    st = path.stat() if path.exists() else None
+    key = (str(path), st.st_size if st else -1, st.st_mtime_ns if st else -1)
+    if key not in _CACHE:
+        _CACHE.clear()  # one teacher at a time: its weights can be large
+        _CACHE[key] = _open(path)
+    tf = _CACHE[key]
+    if fallback is not None and tf.format != "kdcache":
+        knobs = {k: getattr(fallback, k) for k in KNOBS}
+        if tf.label_space.kind == "unnamed":  # a raw zoo state_dict: anchors are not in the weights
+            knobs["anchor_size"] = fallback.anchor_size
+        tf = replace(tf, model=replace(tf.model, **knobs))
+    return tf
+
+
+def _open(path: Path) -> TeacherFile:
+    state = read_checkpoint(path)
+    where = f"teacher checkpoint {path}"
+    if "model" in state and "model_params" in state:
+        try:
+            model = from_dict(ModelParams, state["model_params"], "model_params")
+            k = int(state["num_classes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{where}: damaged kdcache checkpoint ({err}); retrain it") from None
+        cats = state.get("categories")
+        space = unnamed(k)
+        if isinstance(cats, list) and len(cats) == k and all(isinstance(c, dict) for c in cats):
+            space = LabelSpace("kdcache", tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats))
+        return _checked(TeacherFile(str(path), "kdcache", f"kdcache {model.arch}", model, k, space, state["model"]))
+    try:
+        if mmdet_import.is_mmdet(state):
+            rec, weights, unmatched = mmdet_import.convert(state)
+            fmt = "mmdet"
+        else:
+            weights = state["model"] if isinstance(state.get("model"), dict) else state
+            weights = torchvision_import.upgrade_keys({str(k): v for k, v in weights.items() if isinstance(v, Tensor)})
+            rec, unmatched, fmt = torchvision_import.recognise(weights), [], "torchvision"
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if rec is None:
+        keys = ", ".join(list(map(str, state))[:4])
+        raise ValueError(f"{where}: not a detector checkpoint this project knows (first keys: {keys}); expected a "
+                         "kdcache checkpoint, a torchvision detection state_dict or an mmdetection checkpoint")
+    model = ModelParams(**rec.fields, anchor_size=32)
+    return _checked(TeacherFile(str(path), fmt, rec.name, model, rec.num_outputs, rec.label_space, weights, unmatched))
+
+
+def _checked(tf: TeacherFile) -> TeacherFile:
+    """Fill `missing` / `unmatched` against the zoo model (built on the meta device: no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_detector(tf.model, tf.num_outputs)
+    own = model.state_dict()
+    tf.missing = [k for k in own if k not in tf.weights and not k.endswith("num_batches_tracked")]
+    tf.unmatched = tf.unmatched + [k for k in tf.weights if k not in own]
+    return tf
+
+
 def teacher_model_params(checkpoint: str | Path, fallback: ModelParams | None = None) -> dict[str, Any]:
-    """The teacher's ModelParams as a dict: from a kdcache checkpoint, or `fallback` (params'
-    teacher.model) for a raw torchvision-style state_dict that carries no architecture."""
-    state = read_checkpoint(checkpoint)
-    if "model_params" in state:
-        return to_dict(from_dict(ModelParams, state["model_params"], "model_params"))
-    if fallback is None:
-        raise ValueError(f"teacher checkpoint {checkpoint} is a raw state_dict: describe it in teacher.model")
-    return to_dict(fallback)
+    """The teacher's ModelParams as a dict, recognised from the file. Where `fallback` (params'
+    teacher.model) describes another architecture, one line on stderr says the file wins."""
+    tf = open_teacher(checkpoint, fallback)
+    if fallback is not None:
+        fields = [f for f in ARCH_FIELDS + ("variant",) if f != "reg_max" or tf.model.arch == "gfl"]
+        differ = [f"{f}={getattr(tf.model, f)!r} (teacher.model: {getattr(fallback, f)!r})"
+                  for f in fields if getattr(tf.model, f) != getattr(fallback, f)]
+        if differ:
+            say(f"note: teacher {checkpoint} is a {tf.name} with {', '.join(differ)}; "
+                "using the checkpoint's architecture")
+    return to_dict(tf.model)
 
 
-def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int) -> Detector:
-    """The teacher on the CPU: a kdcache checkpoint (architecture from the file) or a raw
-    state_dict described by `arch` (teacher.model) with `num_classes` classes."""
-    state = read_checkpoint(checkpoint)
-    if "model_params" in state:
-        return load_detector(checkpoint)
-    return load_detector(checkpoint, from_dict(ModelParams, arch), num_classes)
+def teacher_label_map(checkpoint: str | Path, categories: list[dict], ann_file: str | Path,
+                      fallback: ModelParams | None = None) -> LabelMap:
+    """The teacher's outputs mapped onto the dataset's categories; ValueError naming both files if it can't."""
+    tf = open_teacher(checkpoint, fallback)
+    return map_labels(tf.label_space, categories, str(checkpoint), str(ann_file))
 
+
+def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
+                 label_index: list[int] | tuple[int, ...] | None = None) -> Detector:
+    """The teacher on the CPU, built as `arch` (teacher_model_params' dict) with the checkpoint's
+    weights; `label_index` (a LabelMap's index) slices its class outputs to the dataset's
+    categories, so the result has len(label_index) classes, which must equal `num_classes`."""
+    tf = open_teacher(checkpoint)
+    cfg = from_dict(ModelParams, arch)
+    differ = [f for f in ARCH_FIELDS + ("variant",) if getattr(cfg, f) != getattr(tf.model, f)]
+    if differ:
+        f = differ[0]
+        raise ValueError(f"teacher checkpoint {checkpoint} has {f}={getattr(tf.model, f)!r} but the cache / params say "
+                         f"{getattr(cfg, f)!r}; rebuild the cache for this checkpoint")
+    if tf.missing:
+        raise ValueError(f"teacher checkpoint {checkpoint} ({tf.name}) lacks {len(tf.missing)} weights "
+                         f"{tf.missing[:3]}; a partial or damaged file")
+    weights, k = tf.weights, tf.num_outputs
+    if label_index is not None and tuple(label_index) != tuple(range(k)):
+        bad = [i for i in label_index if not 0 <= int(i) < k]
+        if bad:
+            raise ValueError(f"teacher checkpoint {checkpoint}: label map index {bad[0]} is outside its {k} outputs")
+        weights = slice_classes(weights, cfg.arch, 9 if cfg.arch == "retinanet" else 1, k, tuple(label_index))
+        k = len(label_index)
+    if num_classes != k:
+        raise ValueError(f"teacher checkpoint {checkpoint} predicts {k} classes but {num_classes} were asked for; "
+                         "the dataset's categories and the teacher's label space differ (python -m pipeline.inspect_teacher)")
+    parts = ("backbone.", "neck.", "bbox_head.", "head.", "rpn.", "roi_heads.")
+    foreign = [key for key in tf.unmatched if key.startswith(parts)]
+    if foreign:  # model weights we would silently drop: another architecture than recognised
+        raise ValueError(f"teacher checkpoint {checkpoint} ({tf.name}): {len(foreign)} weights match no zoo layer "
+                         f"{foreign[:3]}; python -m pipeline.inspect_teacher {checkpoint} lists them")
+    model = build_detector(cfg, k)
+    load_weights(model, weights, f"teacher checkpoint {checkpoint} ({tf.name})")
+    return model
+
+
+def load_mapped_teacher(checkpoint: str | Path, fallback: ModelParams, categories: list[dict],
+                        ann_file: str | Path) -> tuple[Detector, dict, LabelMap]:
+    """(teacher predicting the dataset's categories, its arch dict, the label map), refusals first."""
+    arch = teacher_model_params(checkpoint, fallback)
+    lmap = teacher_label_map(checkpoint, categories, ann_file, fallback)
+    return load_teacher(checkpoint, arch, len(lmap.index), lmap.index), arch, lmap
+
+
+def teacher_report(checkpoint: str | Path, fallback: ModelParams | None, categories: list[dict] | None = None,
+                   ann_file: str | Path = "") -> list[str]:
+    """What `inspect_teacher` prints (and cache_teacher before it starts): what was recognised, the
+    mapping onto the dataset (ValueError if there is none), and the keys nothing matched."""
+    tf = open_teacher(checkpoint, fallback)
+    lines = [f"teacher {checkpoint}: {tf.describe()}"]
+    if categories is not None:
+        lmap = teacher_label_map(checkpoint, categories, ann_file, fallback)
+        lines.append(f"label map onto {ann_file} ({len(categories)} categories): {lmap.describe(categories)}")
+    if tf.unmatched or tf.missing:
+        lines.append(f"unmatched: {len(tf.unmatched)} checkpoint keys used by no zoo layer {tf.unmatched[:6]}; "
+                     f"{len(tf.missing)} zoo weights missing from the file {tf.missing[:6]}")
+    else:
+        lines.append("unmatched: none (every checkpoint weight has a place in the zoo model, and every zoo weight a value)")
+    return lines

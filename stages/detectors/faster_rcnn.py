@@ -8,6 +8,13 @@ torchvision's (`backbone.*`, `rpn.*`, `roi_heads.*`), so a `torchvision.models.d
 built on this backbone layout (returned layers 2-4 + `LastLevelP6P7`) loads as is; torchvision's
 `fasterrcnn_resnet50_fpn` uses P2..P6 instead and does not.
 
+`variant` 'tv_v1' / 'tv_v2' is torchvision's own layout, so `fasterrcnn_resnet50_fpn(_v2)` COCO
+checkpoints load key for key: FPN on C2..C5 plus a max-pooled P6 (strides 4..64), RoIAlign on
+P2..P5; v2 adds BatchNorm in the FPN, a two-conv RPN head and the 4conv1fc box head. Its contract
+`fpn` is P3..P7 like every other detector (P3..P6 as computed, P7 = P6 subsampled by 2, as
+torchvision's `LastLevelMaxPool` makes P6 from P5), so feature KD lines up with any student; P2
+is used by the RPN and RoI heads but not cached.
+
 Dense contract fields stay empty; `detections` is filled with `with_detections=True`.
 """
 
@@ -16,13 +23,17 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from stages.config import ModelParams
 from stages.detectors.base import Detector, as_sizes
@@ -31,6 +42,22 @@ from stages.detectors.contract import DetectorOutput
 LEVEL_NAMES = ["0", "1", "2", "p6", "p7"]  # BackboneWithFPN's keys for P3..P7
 ROI_LEVELS = ["0", "1", "2"]  # P3..P5
 REPRESENTATION = 1024  # torchvision's TwoMLPHead width
+TV_LEVELS = ["0", "1", "2", "3", "pool"]  # torchvision's layout: P2..P6
+TV_ROI_LEVELS = ["0", "1", "2", "3"]  # P2..P5
+
+
+def tv_backbone(name: str, fpn_channels: int, v2: bool) -> BackboneWithFPN:
+    """torchvision's `_resnet_fpn_extractor` layout for Faster R-CNN: C2..C5 + max-pooled P6."""
+    net = getattr(resnet, name)(weights=None)
+    c5 = net.fc.in_features
+    return BackboneWithFPN(
+        net,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[c5 // 8, c5 // 4, c5 // 2, c5],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d if v2 else None,
+    )
 
 
 class FasterRCNNDetector(Detector):
@@ -43,10 +70,13 @@ class FasterRCNNDetector(Detector):
         self.head_convs, self.reg_max, self.num_anchors, self.box_dim = 0, 0, 0, 0
         self.default_reuse_index = -1
         c = cfg.fpn_channels
+        v2 = cfg.variant == "tv_v2"
+        self.level_names = TV_LEVELS if self.tv_layout else LEVEL_NAMES
+        self.first_stride = 4 if self.tv_layout else self.strides[0]
         anchor_gen = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
         self.rpn = RegionProposalNetwork(
             anchor_gen,
-            RPNHead(c, anchor_gen.num_anchors_per_location()[0]),
+            RPNHead(c, anchor_gen.num_anchors_per_location()[0], conv_depth=2 if v2 else 1),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=256,
@@ -55,10 +85,17 @@ class FasterRCNNDetector(Detector):
             post_nms_top_n={"training": 2000, "testing": 1000},
             nms_thresh=0.7,
         )
-        pool = MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=7, sampling_ratio=2)
+        pool = MultiScaleRoIAlign(
+            featmap_names=TV_ROI_LEVELS if self.tv_layout else ROI_LEVELS, output_size=7, sampling_ratio=2
+        )
+        box_head = (
+            FastRCNNConvFCHead((c, 7, 7), [256] * 4, [REPRESENTATION], norm_layer=nn.BatchNorm2d)
+            if v2
+            else TwoMLPHead(c * 7 * 7, REPRESENTATION)
+        )
         self.roi_heads = RoIHeads(
             pool,
-            TwoMLPHead(c * 7 * 7, REPRESENTATION),
+            box_head,
             FastRCNNPredictor(REPRESENTATION, num_classes + 1),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,
@@ -70,6 +107,22 @@ class FasterRCNNDetector(Detector):
             detections_per_img=cfg.detections_per_img,
         )
 
+    @property
+    def tv_layout(self) -> bool:
+        return self.variant in ("tv_v1", "tv_v2")
+
+    def make_backbone(self, cfg: ModelParams) -> nn.Module:
+        if cfg.variant in ("tv_v1", "tv_v2"):
+            return tv_backbone(cfg.backbone, cfg.fpn_channels, v2=cfg.variant == "tv_v2")
+        return super().make_backbone(cfg)
+
+    def contract_fpn(self, features: OrderedDict[str, Tensor]) -> list[Tensor]:
+        """P3..P7 for the contract (see the module docstring for the torchvision layout)."""
+        levels = list(features.values())
+        if not self.tv_layout:
+            return levels
+        return levels[1:] + [F.max_pool2d(levels[-1], 1, 2, 0)]
+
     def forward(
         self,
         images: Tensor,
@@ -79,7 +132,7 @@ class FasterRCNNDetector(Detector):
     ) -> DetectorOutput:
         image_sizes = as_sizes(image_sizes)
         features = self.extract(images, image_sizes)
-        out = DetectorOutput(fpn=list(features.values()), strides=list(self.strides), image_sizes=image_sizes)
+        out = DetectorOutput(fpn=self.contract_fpn(features), strides=list(self.strides), image_sizes=image_sizes)
         objectness, deltas, anchors, per_level, proposals = self._propose(features, image_sizes)
         if targets is not None:
             if len(targets) != images.shape[0]:
@@ -97,13 +150,16 @@ class FasterRCNNDetector(Detector):
     @torch.no_grad()
     def postprocess(self, out: DetectorOutput) -> list[dict[str, Tensor]]:
         """Detections from `out.fpn` alone (reruns the RPN and the box head)."""
+        if self.tv_layout:
+            raise ValueError("a torchvision-layout Faster R-CNN needs P2, which out.fpn lacks: "
+                             "call forward(..., with_detections=True)")
         features = OrderedDict(zip(LEVEL_NAMES, out.fpn))
         proposals = self._propose(features, out.image_sizes)[-1]
         return self._detect(features, proposals, out.image_sizes)
 
     def _padded(self, features: OrderedDict[str, Tensor], n: int) -> list[tuple[int, int]]:
         h, w = next(iter(features.values())).shape[-2:]
-        return [(h * self.strides[0], w * self.strides[0])] * n
+        return [(h * self.first_stride, w * self.first_stride)] * n
 
     def _propose(self, features: OrderedDict[str, Tensor], image_sizes: list[tuple[int, int]]):
         """RPN forward (torchvision's `RegionProposalNetwork.forward` minus its training gate)."""

@@ -10,16 +10,17 @@ key-for-key that of `torchvision.models.detection.fcos_resnet50_fpn`.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS as TVFCOS
 
 from stages.config import ModelParams
 from stages.detectors.backbone import STRIDES
-from stages.detectors.base import DenseDetector
+from stages.detectors.base import IGNORE, DenseDetector
 from stages.detectors.box_coding import FCOS_CODER
 from stages.detectors.contract import DetectorOutput
-from stages.detectors.heads import FCOSDenseHead
+from stages.detectors.heads import FCOSDenseHead, Scale
 
 
 def point_anchors() -> AnchorGenerator:
@@ -75,7 +76,14 @@ class FCOSDetector(DenseDetector):
 
     def compute_losses(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         anchors, matched = self.matches(out, targets)
-        losses = self.head.compute_loss(targets, self.head_outputs(out), [anchors] * len(targets), matched)
+        heads = self.head_outputs(out)
+        ignored = torch.stack(matched) == IGNORE  # [B, N]: crowd regions
+        if bool(ignored.any()):
+            # torchvision's FCOS loss has no ignore: a constant very negative logit there has zero
+            # focal loss and no gradient, which is what leaving those points out means
+            heads["cls_logits"] = torch.where(ignored[..., None], torch.full_like(heads["cls_logits"], -1e4),
+                                              heads["cls_logits"])
+        losses = self.head.compute_loss(targets, heads, [anchors] * len(targets), matched)
         return {
             "cls": losses["classification"],
             "box": losses["bbox_regression"],
@@ -86,5 +94,25 @@ class FCOSDetector(DenseDetector):
         return TVFCOS.postprocess_detections(self, head_outputs, anchors, image_sizes)
 
 
+class MMDetFCOSHead(FCOSDenseHead):
+    """mmdetection's FCOSHead with `norm_on_bbox` and `centerness_on_reg` (the 'center-normbbox-
+    centeronreg' configs): torchvision's head plus a learnable `Scale` per level on the regression,
+    relu(scale * conv) in stride units. (mmdet's convs before GN have no bias: imported as zero.)"""
+
+    def __init__(self, in_channels: int, num_classes: int, num_convs: int = 4, num_levels: int = 5):
+        super().__init__(in_channels, 1, num_classes, num_convs)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+
+    def predict(self, level: int, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        reg = self.regression_head
+        return (
+            self.classification_head.cls_logits(cls_feat),
+            F.relu(self.scales[level](reg.bbox_reg(reg_feat))),
+            reg.bbox_ctrness(reg_feat),
+        )
+
+
 def build_fcos_head(cfg: ModelParams, num_classes: int) -> FCOSDenseHead:
+    if cfg.variant in ("mmdet", "mmdet_caffe"):
+        return MMDetFCOSHead(cfg.fpn_channels, num_classes, cfg.head_convs)
     return FCOSDenseHead(cfg.fpn_channels, 1, num_classes, cfg.head_convs)

@@ -23,7 +23,7 @@ from torchvision.models.detection.retinanet import RetinaNet as TVRetinaNet
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from stages.config import ModelParams
-from stages.detectors.base import DenseDetector
+from stages.detectors.base import IGNORE, DenseDetector
 from stages.detectors.box_coding import box_to_distance, centers, decode_boxes, distance_to_box, integral
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stages.detectors.fcos import point_anchors
@@ -168,7 +168,8 @@ class GFLDetector(DenseDetector):
         scores = torch.zeros(matched.shape, dtype=cls.dtype, device=cls.device)
         scores[img, idx] = aligned_iou(pred_boxes.detach(), target_boxes)
         num_pos = max(len(idx), 1)
-        qfl = quality_focal_loss(cls.reshape(-1, k), labels.reshape(-1), scores.reshape(-1)).sum() / num_pos
+        qfl = quality_focal_loss(cls.reshape(-1, k), labels.reshape(-1), scores.reshape(-1))
+        qfl = (qfl * (matched.reshape(-1) != IGNORE)).sum() / num_pos  # crowd regions: not negatives either
 
         norm = weight.sum().clamp(min=1.0)
         giou = (generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none") * weight).sum() / norm

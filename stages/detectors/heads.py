@@ -166,25 +166,31 @@ def _check_convs(num_convs: int) -> None:
         raise ValueError(f"head_convs must be >= 1, got {num_convs}")
 
 
-def _resize_tower(conv: nn.Sequential, num_convs: int, channels: int) -> nn.Sequential:
+def _resize_tower(conv: nn.Sequential, num_convs: int, channels: int, norm_layer=None) -> nn.Sequential:
     """torchvision's RetinaNet towers have 4 layers: truncate, or extend with same-style layers."""
     layers = list(conv)[:num_convs]
     while len(layers) < num_convs:
-        block = Conv2dNormActivation(channels, channels, norm_layer=None)
+        block = Conv2dNormActivation(channels, channels, norm_layer=norm_layer)
         _init_conv(block[0])
         layers.append(block)
     return nn.Sequential(*layers)
 
 
 class RetinaNetDenseHead(TowerHead, RetinaNetHead):
-    """torchvision's RetinaNetHead (v1: conv + ReLU towers, no norm) with `head_convs` layers."""
+    """torchvision's RetinaNetHead with `head_convs` layers: v1 conv + ReLU towers; `group_norm`
+    (torchvision v2) conv + GN(32) + ReLU towers and the GIoU box loss."""
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4):
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, group_norm: bool = False
+    ):
         _check_convs(num_convs)
-        super().__init__(in_channels, num_anchors, num_classes)
+        norm = partial(nn.GroupNorm, gn_groups(in_channels)) if group_norm else None
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
         for branch in (self.classification_head, self.regression_head):
             if len(branch.conv) != num_convs:
-                branch.conv = _resize_tower(branch.conv, num_convs, in_channels)
+                branch.conv = _resize_tower(branch.conv, num_convs, in_channels, norm)
+        if group_norm:
+            self.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
 
     def predict(self, level: int, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor, None]:
         return self.classification_head.cls_logits(cls_feat), self.regression_head.bbox_reg(reg_feat), None

@@ -3,7 +3,9 @@
 Head, anchors (3 scales x 3 ratios, 32..512 px on P3..P7, A = 9), IoU matcher (fg 0.5, bg 0.4,
 plus each GT's best anchors), focal + L1 losses and post-processing are torchvision's; the
 state_dict is key-for-key that of `torchvision.models.detection.retinanet_resnet50_fpn`
-(with fpn_channels 256, head_convs 4).
+(with fpn_channels 256, head_convs 4); `variant` 'tv_v2' is `retinanet_resnet50_fpn_v2` (GN head,
+P6 from C5, GIoU loss) and 'mmdet' mmdetection's RetinaNet (P6 from C5, no ReLU before P7, unrounded
+anchors, same head and box coder).
 """
 
 from __future__ import annotations
@@ -22,9 +24,27 @@ from stages.detectors.contract import DetectorOutput
 from stages.detectors.heads import RetinaNetDenseHead
 
 
-def retinanet_anchors(base: int = 32) -> AnchorGenerator:
+class ExactAnchorGenerator(AnchorGenerator):
+    """mmdetection's anchors: the same boxes as torchvision's, but neither the octave sizes
+    (32 * 2^(1/3) = 40.32, not 40) nor the corners are rounded (torchvision rounds both)."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(aspect_ratios)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)  # ratio-major, scale-minor: both libraries
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
+def retinanet_anchors(base: int = 32, exact: bool = False) -> AnchorGenerator:
     """torchvision's RetinaNet anchors: sizes base..16*base on P3..P7 (3 octave scales each) x ratios
-    0.5, 1, 2; base 32 is torchvision's (and what its checkpoints were trained with)."""
+    0.5, 1, 2; base 32 is torchvision's (and what its checkpoints were trained with). `exact`:
+    mmdetection's unrounded sizes (octave_base_scale 4 x stride, scales_per_octave 3)."""
+    if exact:
+        sizes = tuple(tuple(base * 2**i * 2 ** (j / 3) for j in range(3)) for i in range(5))
+        return ExactAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [base * 2**i for i in range(5)])
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
@@ -34,7 +54,7 @@ class RetinaNetDetector(DenseDetector):
 
     def __init__(self, cfg: ModelParams, num_classes: int):
         super().__init__(cfg, num_classes, cfg.head_convs, reuse_index=3)
-        self.anchor_generator = retinanet_anchors(cfg.anchor_size)
+        self.anchor_generator = retinanet_anchors(cfg.anchor_size, exact=cfg.variant in ("mmdet", "mmdet_caffe"))
         self.num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         self.box_dim, self.reg_max = 4, 0
         self.head = build_retinanet_head(cfg, num_classes)
@@ -57,5 +77,6 @@ class RetinaNetDetector(DenseDetector):
 
 def build_retinanet_head(cfg: ModelParams, num_classes: int) -> RetinaNetDenseHead:
     return RetinaNetDenseHead(
-        cfg.fpn_channels, retinanet_anchors().num_anchors_per_location()[0], num_classes, cfg.head_convs
+        cfg.fpn_channels, retinanet_anchors().num_anchors_per_location()[0], num_classes, cfg.head_convs,
+        group_norm=cfg.variant == "tv_v2",
     )
