@@ -7,6 +7,11 @@ optimiser + warm-up + schedule, gradient clipping, autocast on CUDA, tqdm progre
 
 Determinism: batches come from `EpochBatchSampler`, a pure function of (seed, step), so a run
 resumed from a checkpoint sees the same batches as an uninterrupted one.
+
+Under torchrun (`stages.distributed`), every trained module goes inside one
+DistributedDataParallel wrapper (gradients averaged by DDP's bucketed all-reduce), BatchNorm
+becomes SyncBatchNorm when `train.sync_bn`, each rank trains on its slice of every global batch
+(`train.batch_size` images per process), and only rank 0 writes the log and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from stages import distributed
 from stages.config import TrainParams
 
 
@@ -165,15 +171,6 @@ class CsvLog:
             w.writerow(row)
 
 
-def _average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """DDP's gradient all-reduce, done by hand so the loop needs no model wrapper (torchrun)."""
-    for p in params:
-        if p.grad is None:  # every rank must join every all-reduce
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world
-
-
 def train_loop(
     *,
     modules: dict[str, nn.Module],
@@ -186,6 +183,7 @@ def train_loop(
     progress: bool = True,
     desc: str = "train",
     after_step: Callable[[int], None] | None = None,
+    log_path: Path | None = None,
 ) -> dict[str, float]:
     """Run `cfg.steps` optimisation steps; returns the last logged metrics.
 
@@ -193,10 +191,17 @@ def train_loop(
     checkpoint under their key. step_loss(batch) returns named scalar losses; their sum is minimised.
     make_batches(start_step) yields batches from that step on (deterministic in the step).
     Checkpoints go to out_dir/last.pt (every cfg.ckpt_every steps and at the end); a run finds and
-    resumes from it, so a killed run loses at most ckpt_every steps.
+    resumes from it, so a killed run loses at most ckpt_every steps. `log_path` (default
+    out_dir/train_log.csv) gets the per-step metrics; the returned dict adds `mean_sec_per_step`.
+    Under torchrun the logged losses are the mean over ranks.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "last.pt"
+    world = distributed.world()
+    is_main = distributed.is_main()
+    if world > 1 and cfg.sync_bn and distributed.has_batchnorm(modules):
+        for m in modules.values():
+            distributed.convert_sync_bn(m, device)  # in place: same parameters and state_dict keys
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     start = 0
@@ -206,14 +211,14 @@ def train_loop(
             module.load_state_dict(state[name])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    log = CsvLog(out_dir / "train_log.csv", start)
+    log = CsvLog(log_path or out_dir / "train_log.csv", start) if is_main else None
     if start >= cfg.steps:
         return {}
     for m in modules.values():
         m.train()
+    # DDP broadcasts rank 0's parameters and buffers here: every rank starts from the same state
+    net = distributed.wrap(modules, step_loss, device)
     use_amp = cfg.amp and device.type == "cuda"
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     batches = make_batches(start)
     last: dict[str, float] = {}
 
@@ -224,13 +229,14 @@ def train_loop(
 
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not (progress and is_main), initial=start, total=cfg.steps)
     window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(batches)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = step_loss(batch)
+            losses = net(batch)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -238,9 +244,7 @@ def train_loop(
                 f"lower train.lr or raise train.warmup_steps (checkpoint {ckpt_path} is from before this step)"
             )
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if world > 1:
-            _average_gradients(params, world)
+        total.backward()  # under DDP: gradients are averaged over ranks here
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
@@ -250,11 +254,18 @@ def train_loop(
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             sec = (time.perf_counter() - window_start) / window_steps
             window_start, window_steps = time.perf_counter(), 0
-            last = {"step": step + 1, "lr": lr, "sec_per_step": round(sec, 4), "loss": float(total.detach())}
-            last.update({k: float(v.detach()) for k, v in losses.items()})
-            if is_main:
+            names = list(losses)  # same order on every rank: the same code built the dict
+            values = torch.stack([total.detach().float()] + [losses[k].detach().float() for k in names]).cpu()
+            if world > 1:  # the log shows the global batch's losses, not rank 0's slice
+                values = values.to(device)
+                torch.distributed.all_reduce(values)
+                values = values.cpu() / world
+            last = {"step": step + 1, "lr": lr, "sec_per_step": round(sec, 4), "loss": float(values[0])}
+            last.update({k: float(v) for k, v in zip(names, values[1:].tolist(), strict=True)})
+            if log is not None:
                 log.write(last)
-            bar.set_postfix(loss=f"{float(total.detach()):.3f}")
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
         if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             checkpoint(step + 1)
+    last["mean_sec_per_step"] = round((time.perf_counter() - run_start) / max(1, cfg.steps - start), 4)
     return last

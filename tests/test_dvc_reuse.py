@@ -45,12 +45,12 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dvcproj")
+def make_project(work: Path) -> tuple[Path, dict]:
+    """A git + dvc repo at `work` with the real code, dvc.yaml and .gitignore and the TINY params."""
     for name in ("pipeline", "stages", "stores"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, work / name)
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)  # dvc needs every listed key
     params["experiments"] = TINY["experiments"]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -60,6 +60,11 @@ def project(tmp_path_factory):
     run(["git", "init", "-q"], work, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], work, env)
     return work, env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("dvcproj"))
 
 
 def set_param(work: Path, path: str, value) -> None:

@@ -85,6 +85,16 @@ def test_sampler_buckets_views_and_resume():
     ranks = [EpochBatchSampler(20, 2, seed=1, rank=r, world=2) for r in (0, 1)]
     first = [next(iter(s)) for s in ranks]
     assert not set(first[0]) & set(first[1]), "DDP ranks get disjoint halves of each global batch"
+    # DDP with buckets: rank r's batches are the r-th slices of the 1-process run's global batches
+    # (same padded size across ranks), also when resumed at any step
+    kw = dict(num_views=2, bucket_of=buckets.__getitem__, views_of=lambda image: [0, 1])
+    single = iter(EpochBatchSampler(20, 4, seed=3, **kw))
+    glob = [next(single) for _ in range(12)]
+    for start in (0, 5):
+        per_rank = [iter(EpochBatchSampler(20, 2, seed=3, rank=r, world=2, start_step=start, **kw)) for r in (0, 1)]
+        for g in glob[start:]:
+            a, b = next(per_rank[0]), next(per_rank[1])
+            assert a + b == g and len({buckets[i] for i in g}) == 1
     with pytest.raises(ValueError, match="cannot fill one batch"):
         EpochBatchSampler(3, 4, seed=0)
 

@@ -3,11 +3,18 @@
 Work is split into blocks of `cache.block_size` consecutive records of the manifest's plan.
 Blocks run in-process (`n_workers: 1`), on a local dask cluster (`n_workers > 1`, one process
 each; on GPU machines one worker per GPU) or on an existing cluster (`scheduler: ADDRESS`).
+Each block is one task; the scheduler reruns the task of a worker that dies, and a rerun block is
+claimed and published safely (`stages.cache.claims`).
+
+GPU machines: one worker process per GPU, each seeing only its GPU (dask-cuda's
+LocalCUDACluster when installed, else CUDA_VISIBLE_DEVICES per worker), one task thread each and
+the CPU cores split between them (OMP/MKL threads), so N workers never oversubscribe the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -61,15 +68,39 @@ def _run_dask(job: CacheJob, todo: list[int], scheduler: str, n_workers: int, ba
         else:
             # DataLoader workers are children of the dask worker: allowed only if it is not daemonic
             stack.enter_context(dask.config.set({"distributed.worker.daemon": job.loader_workers == 0}))
-            cluster = stack.enter_context(
-                LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
-            )
+            if resolve_device(job.device).type == "cuda":
+                cluster = stack.enter_context(_gpu_cluster(n_workers))
+            else:
+                cluster = stack.enter_context(
+                    LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+                )
             client = stack.enter_context(Client(cluster))
         futures = client.map(cache_block, [job] * len(todo), todo, pure=False)
         for future in as_completed(futures):
             stats.append(future.result())
             bar.update(1)
     return stats
+
+
+def gpu_worker_env(gpu: int, n_workers: int, cpus: int | None = None) -> dict[str, str]:
+    """Environment of the worker of GPU `gpu`: that GPU only, and its share of the CPU cores."""
+    threads = str(max(1, (cpus or os.cpu_count() or 1) // n_workers))
+    return {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _gpu_cluster(n_workers: int):
+    """One single-threaded worker process per GPU."""
+    try:
+        from dask_cuda import LocalCUDACluster  # sets CUDA_VISIBLE_DEVICES and CPU affinity per worker
+
+        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+    except ImportError:
+        pass
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {i: {"cls": Nanny, "options": {"nthreads": 1, "env": gpu_worker_env(i, n_workers)}}
+               for i in range(n_workers)}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
 
 
 def _default_workers(params: Params) -> int:
