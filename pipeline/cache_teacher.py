@@ -17,8 +17,10 @@ disk or a kill leaves the finished blocks in place for the rerun.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from pipeline.params import make_parser, params_from_args
+from pipeline.params import make_parser, params_from_args, positive_int
+from stages.cache.plan import teacher_summary
 from stages.cache.run import run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
@@ -27,12 +29,19 @@ from stores.manifest import CacheMismatchError
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("cache_teacher", __doc__)
     parser.add_argument("--scheduler", default="", help="address of an existing dask scheduler (default: cache.scheduler)")
-    parser.add_argument("--workers", type=int, default=None, help="local dask workers (default: cache.n_workers)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing cache at cache.path first")
+    parser.add_argument("--workers", type=positive_int, default=None, help="local dask workers (default: cache.n_workers)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing cache at cache.path first "
+                        "(only a folder holding a kdcache cache and nothing else)")
+    parser.add_argument("--repair", action="store_true", help="verify the cache first and recompute every block "
+                        "verify names as damaged (inspect_cache --verify lists them)")
     parser.add_argument("--stats", help="write per-block timing/size stats as JSON here")
     args = parser.parse_args(argv)
     params = params_from_args(args)
     try:
+        for line in teacher_summary(params):  # what the teacher is and how its classes map, before any work
+            print(line, flush=True)
+        if args.repair and not args.overwrite:
+            _repair(Path(params.cache.path))
         summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite)
     except CacheMismatchError as err:
         raise SystemExit(f"error: {err}; or pass --overwrite to replace it") from None
@@ -46,5 +55,21 @@ def main(argv: list[str] | None = None) -> None:
           f"({done} computed now, {summary['blocks'] - done} already complete) in {summary['seconds']:.1f}s")
 
 
+def _repair(root: Path) -> None:
+    """Make the blocks verify finds damaged incomplete, so this run recomputes them (statics are
+    rewritten by every run when missing or damaged)."""
+    from stores.verify import invalidate_blocks, verify_store
+
+    if not (root / "manifest.json").exists():
+        return
+    report = verify_store(root)
+    if report.damaged_blocks:
+        invalidate_blocks(root, report.damaged_blocks)
+    print(f"repair: {len(report.damaged_blocks)} damaged blocks {report.damaged_blocks[:20]} will be recomputed, "
+          f"{len(report.missing_blocks)} missing ones completed", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run
+
+    run(main, interrupted="the finished blocks in cache.path are kept; rerun python -m pipeline.cache_teacher to compute only the missing ones")

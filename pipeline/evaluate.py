@@ -12,8 +12,9 @@ from pathlib import Path
 from pipeline.params import make_parser, params_from_args
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-from stages.detectors.checkpoint import load_teacher, teacher_model_params
+from stages.detectors.checkpoint import load_mapped_teacher
 from stages.evaluation import METRIC_NAMES, evaluate
+from stages.run_record import require_images
 from stages.training import resolve_device
 
 
@@ -27,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     if not ckpt.exists():
         raise SystemExit(f"error: checkpoint {ckpt} not found; train it first (python -m pipeline.train_teacher)")
     device = resolve_device(params.train.device)
-    dataset = CocoDataset(params.data.val_images, params.data.val_ann)
-    # a raw torchvision-style state_dict carries no architecture: teacher.model describes it
-    arch = teacher_model_params(ckpt, params.teacher.model)
-    model = load_teacher(ckpt, arch, params.teacher.model.num_classes or dataset.num_classes).to(device)
+    dataset = CocoDataset.from_params(params.data, "val")
+    require_images(dataset, "data.val_ann")  # an empty val set is an error, not AP 0.00
+    # the architecture is read off the checkpoint; its classes are mapped onto the val set's categories
+    model = load_mapped_teacher(ckpt, params.teacher.model, dataset.categories, params.data.val_ann)[0].to(device)
     view = View(params.data.min_size, params.data.max_size, False)
     metrics = evaluate(model, dataset, view, params.eval.batch_size, device)
     metrics["checkpoint"] = str(ckpt)
@@ -41,4 +42,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run
+
+    run(main, interrupted="no metrics were written; rerun to evaluate")

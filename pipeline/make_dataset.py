@@ -8,6 +8,8 @@ data.train_images / data.train_ann / data.val_images / data.val_ann at it.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,10 +20,40 @@ DESCRIPTION = """\
 Generate the synthetic detection dataset (six shape+texture classes: {classes}) with clutter,
 occlusion and objects from ~8 px to ~60% of the image, in COCO format.
 
-Params used (params.yaml section data.synthetic): out, seed, num_train, num_val, min_side, max_side.
+Params used (params.yaml section data.synthetic): out, seed, num_train, num_val, min_side, max_side,
+min_object, textures, colours (6 x textures x colours classes; profiles/synth20.yaml has 24).
 Example:
   python -m pipeline.make_dataset --set data.synthetic.num_train=40 --set data.synthetic.out=data/tiny
 """.format(classes=", ".join(CLASSES))
+
+
+SYNTHETIC_MARK = "kdcache synthetic shapes"  # the start of info.description in the jsons it writes
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse (one line) to write into a folder that holds anything but a synthetic dataset written
+    by this command: its train/ val/ annotations/ entries, with kdcache's annotation files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"data.synthetic.out {out} is a file: point it at a new folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("train", "val", "annotations"))
+    for name in ("instances_train.json", "instances_val.json"):
+        ann = out / "annotations" / name
+        if ann.exists():
+            try:
+                description = str(json.loads(ann.read_text()).get("info", {}).get("description", ""))
+            except (OSError, ValueError, AttributeError):
+                description = ""
+            if not description.startswith(SYNTHETIC_MARK):
+                foreign.append(f"annotations/{name} (not written by make_dataset)")
+    for split in ("train", "val"):
+        d = out / split
+        if d.is_dir():
+            foreign += [f"{split}/{p.name}" for p in d.iterdir() if not re.fullmatch(r"\.?\d{6}\.png(\.tmp)?", p.name)][:3]
+    if foreign:
+        raise ValueError(f"data.synthetic.out {out} holds files make_dataset did not write ({', '.join(foreign[:5])}): "
+                         "refusing to overwrite them; point data.synthetic.out at a new or empty folder")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     params = params_from_args(args)
     cfg = params.data.synthetic
+    check_out_folder(Path(cfg.out))  # rewrites only a synthetic dataset of its own, never someone's data
     try:
         stats = generate(
             cfg.out,
@@ -38,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             min_side=cfg.min_side,
             max_side=cfg.max_side,
             min_object=cfg.min_object,
+            textures=cfg.textures,
+            colours=cfg.colours,
             progress=True,
         )
     except ValueError as err:
@@ -71,4 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run
+
+    run(main, interrupted="the dataset folder may be partial; rerun python -m pipeline.make_dataset to rewrite it")

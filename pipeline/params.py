@@ -31,7 +31,20 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one param (YAML value), repeatable, e.g. --set train.steps=50",
     )
+    # read by pipeline.cli before main runs; declared here so argparse accepts it everywhere
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error (or KDCACHE_DEBUG=1)")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count option (--workers, --fidelity): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -23,4 +23,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run
+
+    run(main, interrupted="report.md may be partial; rerun python -m pipeline.report")

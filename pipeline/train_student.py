@@ -8,17 +8,18 @@ train_log.csv (per-step losses, for dvc plots) and metrics.json (COCO AP on data
 
 Offline runs never run the teacher: they read `cache.path` and refuse a cache whose manifest
 does not match these params (teacher, dataset, views, targets, codecs).
-Multi-GPU: torchrun --nproc_per_node N -m pipeline.train_student ... shards batches by rank.
+Several processes: `torchrun --nproc_per_node N -m pipeline.train_student ...` (nccl on GPUs,
+gloo on CPU) trains one DistributedDataParallel model; `train.batch_size` is per process, so the
+global batch is N x train.batch_size. Rank 0 alone writes checkpoints, the log and metrics.json.
+See README "More than one machine".
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
-
 from pipeline.params import make_parser, params_from_args
+from stages import distributed
 from stages.distill.run import train_student
 
 
@@ -26,17 +27,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = make_parser("train_student", __doc__)
     parser.add_argument("--experiment", default="", help="name of an entry in params.yaml `experiments`")
     parser.add_argument("--out", help="output folder (default: <student.out_dir>/<experiment or 'default'>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain from scratch when the output folder holds a run of other params")
     args = parser.parse_args(argv)
     params = params_from_args(args)
     out = Path(args.out or Path(params.student.out_dir) / (args.experiment or "default"))
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    distributed.init_from_env(params.train.dist_timeout_s)
     try:
-        metrics = train_student(params, args.experiment or None, out)
+        metrics = train_student(params, args.experiment or None, out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
+    finally:
+        distributed.shutdown()
+    if not metrics:  # torchrun ranks > 0: rank 0 reports
+        return
     print(f"{args.experiment or 'default'}: AP={metrics['AP']:.2f} AP50={metrics['AP50']:.2f} -> {out}/metrics.json")
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run
+
+    run(main, interrupted="the last checkpoint (last.pt in the run folder, every train.ckpt_every steps) is kept; rerun the same command to resume")

@@ -29,6 +29,9 @@ class SyntheticParams:
     min_side: int = 128  # image sides are drawn from [min_side, max_side]
     max_side: int = 224
     min_object: float = 8.0  # smallest annotated object extent in px: 8 is hard; 16 suits a short CPU demo
+    # classes = 6 shapes x textures per shape x colour families (stages.data.synthetic.class_specs); 1, 1: six
+    textures: int = 1
+    colours: int = 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class DataParams:
     # the view used to train the teacher and to evaluate (shorter side, longer-side cap)
     min_size: int = 160
     max_size: int = 256
+    # rotate images by their EXIF Orientation tag before use; off by default, as COCO's boxes are in
+    # the stored pixel frame (pycocotools and torchvision never transpose)
+    exif_transpose: bool = False
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
 
@@ -60,6 +66,11 @@ class ModelParams:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # layout of the weights: '' = the zoo's own (torchvision v1 for retinanet/fcos); 'tv_v1' / 'tv_v2' =
+    # torchvision's COCO detectors (v2 RetinaNet: GN head, P6 from C5, GIoU; Faster R-CNN: P2..P6);
+    # 'mmdet' = mmdetection's RetinaNet / GFL / FCOS necks, anchors, heads; 'mmdet_caffe' the same on a caffe-style
+    # ResNet (stride in the 1x1 conv, BGR 0-255 input). Set by checkpoint import (inspect_teacher)
+    variant: Literal["", "tv_v1", "tv_v2", "mmdet", "mmdet_caffe"] = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,10 @@ class TrainParams:
     ckpt_every: int = 100
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's
+    # slice; the zoo's ResNets train BN, so without it results depend on the process count
+    sync_bn: bool = True
+    dist_timeout_s: int = 300  # torchrun: a collective waiting longer (a dead rank) fails the job
 
 
 @dataclass(frozen=True)
@@ -117,9 +132,12 @@ class CacheParams:
     targets: list[str] = field(
         default_factory=lambda: ["fpn", "cls", "box", "quality", "detections", "candidates", "tower_stats", "head"]
     )
-    # codec chain per target, e.g. "fp16+zstd", "int8c+zstd", "bitround7+zstd", "sparse0.01+zstd"
+    # codec chain per target family (stores.codecs), e.g. "int8c+zstd", "pca32+zstd", "topk9f0.002+zstd",
+    # "mask0.05+zstd"; defaults from bench/codec_sets + bench/rate_distortion (issue 9): 1.50 MB per
+    # 800x1344 record of the demo teacher, every KD method at grad cosine >= 0.998, loss error <= 0.8 %
     codecs: dict[str, str] = field(
-        default_factory=lambda: {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
+        default_factory=lambda: {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
+                                 "quality": "int8c+zstd"}
     )
     batch_size: int = 4
     loader_workers: int = 0
@@ -135,6 +153,12 @@ class CSKDParams:
     w_mse: float = 1.0
     w_cos: float = 0.5
     assistant: bool = True
+    # official get_rois / fg masks scale GT boxes by (padded map width / unpadded image width), which
+    # stretches boxes on padded images; False (default) uses 1/stride, True reproduces the official code
+    official_box_scaling: bool = False
+    # official Distillbranch terms on the head towers; the teacher's tower maps come from running its
+    # frozen head (cache static 'head') on the cached FPN maps
+    tower: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,6 +166,9 @@ class SSIMParams:
     window: int = 11
     sigma: float = 1.5
     adapter: bool = False
+    minmax: Literal["map", "channel"] = "map"  # min-max rescaling per image map (paper) or per channel
+    levels: Literal["sum", "mean"] = "sum"  # reduction over FPN levels (paper: sum of per-level means)
+    half: bool = True  # (1 - SSIM) / 2 (default) or 1 - SSIM
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,15 @@ class CrossKDParams:
     # paper numbering (official `reused_teacher_head_idx`): the student's first N tower convs feed the
     # teacher head; -1 = the paper default (3; 2 for FCOS), clamped to the tower depth
     reuse_index: int = -1
+    # GFL only: the GIoU KD term on crossed boxes (2.0) with KL weight 3.0, as the later official GFL
+    # config; False = the first official GFL config (KL 4.0, no GIoU KD term)
+    gfl_giou: bool = False
+
+
+@dataclass(frozen=True)
+class RMParams:
+    scores: Literal["logits", "probs"] = "logits"  # what the rank softmax runs over (see losses/rank_mimic)
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +195,7 @@ class DistillParams:
     cskd: CSKDParams = field(default_factory=CSKDParams)
     ssim: SSIMParams = field(default_factory=SSIMParams)
     crosskd: CrossKDParams = field(default_factory=CrossKDParams)
+    rm: RMParams = field(default_factory=RMParams)
 
 
 @dataclass(frozen=True)
@@ -196,7 +233,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             # a partial section keeps the parent's defaults (e.g. the teacher's resnet50), not the class's
             v = _merge(to_dict(_default_of(defaults[k])), v)
         kwargs[k] = _coerce(hints[k], v, f"{path}.{k}" if path else k)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_values(obj, path)
+    return obj
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -261,3 +300,104 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+# ------------------------------------------------------------------------------------------------
+# value checks: every number / list a run depends on, checked when params are loaded (from_dict),
+# so an impossible setting stops in one line naming the field instead of "training" 0 steps.
+# Keyed by class name; a check returns an error text (the field's constraint) or None.
+
+def _num(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    def check(v: Any) -> str | None:
+        if not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
+            return "must be a finite number"
+        if low is not None and (v <= low if low_open else v < low):
+            return f"must be {'>' if low_open else '>='} {low:g}"
+        if high is not None and (v >= high if high_open else v > high):
+            return f"must be {'<' if high_open else '<='} {high:g}"
+        return None
+    return check
+
+
+_POS, _NONNEG, _ONE = _num(0, low_open=True), _num(0), _num(1)
+_UNIT = _num(0, 1)
+
+
+def _views(obj: Any) -> str | None:
+    if not obj.views:
+        return "views: the list is empty; cache at least one view (min_size, max_size, flip)"
+    keys = [(v.min_size, v.max_size, v.flip) for v in obj.views]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        return f"views: view {list(dup)} is listed twice"
+    if obj.views_per_image > len(obj.views):
+        return f"views_per_image: {obj.views_per_image} is more than the {len(obj.views)} views listed"
+    return None
+
+
+def _sizes(obj: Any) -> str | None:
+    if obj.max_size < obj.min_size:
+        return f"max_size: {obj.max_size} is smaller than min_size {obj.min_size}"
+    return None
+
+
+def _sides(obj: Any) -> str | None:
+    if obj.max_side < obj.min_side:
+        return f"max_side: {obj.max_side} is smaller than min_side {obj.min_side}"
+    return None
+
+
+def _weights(obj: Any) -> str | None:
+    for name, w in obj.losses.items():
+        err = _NONNEG(w)
+        if err:
+            return f"losses.{name}: {err}, got {w!r}"
+    return None
+
+
+def _odd(v: Any) -> str | None:
+    return None if isinstance(v, int) and v >= 1 and v % 2 == 1 else "must be an odd integer >= 1"
+
+
+def _reuse(v: Any) -> str | None:
+    return None if v == -1 or v >= 1 else "must be -1 (the paper's default) or >= 1"
+
+
+VALUE_RULES: dict[str, dict[str, Any]] = {
+    "SyntheticParams": {"num_train": _ONE, "num_val": _ONE, "min_side": _ONE, "max_side": _ONE,
+                        "min_object": _POS, "seed": _NONNEG, "textures": _ONE, "colours": _ONE, "": _sides},
+    "DataParams": {"min_size": _ONE, "max_size": _ONE, "": _sizes},
+    "ModelParams": {"fpn_channels": _ONE, "head_convs": _ONE, "reg_max": _ONE, "anchor_size": _ONE,
+                    "num_classes": _NONNEG, "score_thresh": _UNIT, "nms_thresh": _num(0, 1, low_open=True),
+                    "detections_per_img": _ONE},
+    "TrainParams": {"lr": _POS, "momentum": _num(0, 1, high_open=True), "weight_decay": _NONNEG, "steps": _ONE,
+                    "batch_size": _ONE, "warmup_steps": _NONNEG, "clip_grad": _NONNEG, "seed": _NONNEG,
+                    "workers": _NONNEG, "ckpt_every": _ONE, "log_every": _ONE, "dist_timeout_s": _ONE},
+    "ViewParams": {"min_size": _ONE, "max_size": _ONE, "": _sizes},
+    "CacheParams": {"views_per_image": _NONNEG, "batch_size": _ONE, "loader_workers": _NONNEG,
+                    "block_size": _ONE, "n_workers": _ONE, "seed": _NONNEG, "": _views},
+    "CSKDParams": {"w_mse": _NONNEG, "w_cos": _NONNEG},
+    "SSIMParams": {"window": _odd, "sigma": _POS},
+    "CrossKDParams": {"reuse_index": _reuse},
+    "RMParams": {"temperature": _POS},
+    "DistillParams": {"": _weights},
+    "EvalParams": {"batch_size": _ONE},
+}
+
+
+def check_values(obj: Any, path: str = "") -> None:
+    """Raise ConfigError naming `path.field` for the first value of `obj` its VALUE_RULES reject
+    (nested sections are checked when they are built, by from_dict)."""
+    where = f"{path}." if path else ""
+    for name, rule in VALUE_RULES.get(type(obj).__name__, {}).items():
+        if not name:
+            err = rule(obj)
+            if err:
+                raise ConfigError(f"{where}{err}")
+            continue
+        if not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        err = rule(value)
+        if err:
+            raise ConfigError(f"{where}{name}: {err}, got {value!r}")

@@ -10,6 +10,18 @@ checkpoint file), ``teacher_arch`` (dict), ``dataset`` (dict, e.g. CocoDataset.f
 ``views`` (list of view dicts), ``targets`` (list of target families), ``codecs`` (dict family ->
 chain). Extra keys are allowed and compared too. ``meta`` (created_at, host, ...) is free
 information and never compared.
+
+Content that changes image by image is fingerprinted per block instead (``block_fingerprints``,
+one digest per block of the plan: the block's images' bytes, entries and annotations), outside
+the fingerprint and its digest: fixing one image makes only its block stale, and a rerun
+recomputes that block alone while every other block, and the stores' recorded digest, stay valid.
+``statics`` records the sha256 of each ``static/<name>.npz`` so verify can check them.
+``dropped`` lists images the dataset no longer holds: their records keep their place in the plan
+as empty placeholders, so deleting an image moves no block (only the block that held it changes).
+
+A destructive flag removes only what it recognises: `check_cache_folder` / `remove_store` delete a
+folder only when it holds a kdcache manifest and nothing but store entries, and refuse to start a
+new cache in a non-empty folder that is not one.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: dataset content per block (block_fingerprints), categories in the fingerprint
 MANIFEST_NAME = "manifest.json"
 FINGERPRINT_FIELDS = ("schema_version", "teacher_weights", "teacher_arch", "dataset", "views", "targets", "codecs")
 _FIX = "rebuild it with python -m pipeline.cache_teacher (or point distill to the matching cache)"
@@ -76,12 +88,23 @@ class Manifest:
     block_size: int
     levels: int
     meta: dict = field(default_factory=dict)  # free information (created_at, ...), never compared
+    block_fingerprints: list[str] = field(default_factory=list)  # per block: its images' content ([] = none)
+    statics: dict[str, str] = field(default_factory=dict)  # static item name -> sha256 of static/<name>.npz
+    # image ids the dataset no longer lists: their records keep their place in the plan (so no other
+    # block moves) as empty placeholders that readers of the dataset never ask for
+    dropped: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         plan = [(int(i), str(v)) for i, v in self.plan]
         object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "block_fingerprints", [str(f) for f in self.block_fingerprints])
+        object.__setattr__(self, "statics", {str(k): str(v) for k, v in self.statics.items()})
+        object.__setattr__(self, "dropped", sorted({int(i) for i in self.dropped}))
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_fingerprints and len(self.block_fingerprints) != self.num_blocks():
+            raise ValueError(f"block_fingerprints lists {len(self.block_fingerprints)} blocks, "
+                             f"the plan has {self.num_blocks()}")
         if len(set(plan)) != len(plan):
             seen: set[tuple[int, str]] = set()
             dup = next(p for p in plan if p in seen or seen.add(p))
@@ -123,6 +146,9 @@ class Manifest:
             "block_size": self.block_size,
             "levels": self.levels,
             "meta": _normal(self.meta),
+            "block_fingerprints": list(self.block_fingerprints),
+            "statics": dict(sorted(self.statics.items())),
+            "dropped": list(self.dropped),
         }
 
     @classmethod
@@ -137,6 +163,9 @@ class Manifest:
             block_size=int(data["block_size"]),
             levels=int(data["levels"]),
             meta=dict(data.get("meta") or {}),
+            block_fingerprints=list(data.get("block_fingerprints") or []),
+            statics=dict(data.get("statics") or {}),
+            dropped=list(data.get("dropped") or []),
         )
 
     def save(self, path: str | Path) -> None:
@@ -209,6 +238,88 @@ def _plan_difference(have: list, want: list) -> tuple[str, Any, Any] | None:
     if len(have) != len(want):
         return "plan (number of records)", len(have), len(want)
     return None
+
+
+# what a cache folder may hold: the manifest, one folder per format, statics, and kdcache's own
+# locks / claims / temp files (``.<name>.tmp-<pid>...`` of an interrupted atomic write)
+STORE_ENTRIES = (MANIFEST_NAME, "zarr", "wds", "static", ".lock", ".locks", ".claims")
+
+
+class NotAStoreError(ValueError):
+    """A folder a cache would be written into (or removed) is not recognisably a kdcache store."""
+
+
+def _own_entry(name: str) -> bool:
+    return name in STORE_ENTRIES or (name.startswith(".") and ".tmp-" in name)
+
+
+def foreign_entries(root: str | Path) -> list[str]:
+    """Names in `root` that a kdcache store never writes (sorted); [] for a missing folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not _own_entry(p.name))
+
+
+def is_store(root: str | Path) -> bool:
+    """`root` holds a kdcache manifest (readable, or unreadable beside a format folder)."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and "fingerprint" in data and "plan" in data
+    except (OSError, ValueError):  # a damaged manifest: still ours if a format folder sits beside it
+        return (root / "zarr").is_dir() or (root / "wds").is_dir()
+
+
+def check_cache_folder(root: str | Path, *, overwrite: bool) -> None:
+    """Refuse, in one line, to write a new cache into (or, with `overwrite`, to delete) a folder that
+    is not a kdcache store holding nothing else. Missing and empty folders are always fine."""
+    root = Path(root)
+    if root.is_symlink() and overwrite:
+        raise NotAStoreError(f"cache.path {root} is a symlink: --overwrite removes only a real cache folder; "
+                             "point cache.path at the folder itself")
+    if root.exists() and not root.is_dir():
+        raise NotAStoreError(f"cache.path {root} is a file, not a folder: point cache.path elsewhere")
+    if not root.exists():
+        return
+    foreign = foreign_entries(root)
+    store = is_store(root)
+    if store and (not foreign or not overwrite):  # resuming a store with extra files deletes nothing
+        return
+    named = [n for n in (MANIFEST_NAME, "zarr", "wds", "static") if (root / n).exists()]
+    if not store and not foreign and not named:
+        return  # empty, or only the locks / temp files of a creation that was interrupted
+    listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    if store:
+        what = f"holds other files besides the cache ({listed})"
+        fix = "move them out, or point cache.path at a folder of its own"
+    else:
+        what = (f"is not empty and is not a kdcache cache (no kdcache {MANIFEST_NAME}; "
+                f"holds {', '.join(named + foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
+        fix = "point cache.path at a new or empty folder (or delete it yourself if it is a damaged cache)"
+    action = "--overwrite will not delete it" if overwrite else "refusing to write a cache into it"
+    raise NotAStoreError(f"cache.path {root} {what}: {action}; {fix}")
+
+
+def remove_store(root: str | Path) -> None:
+    """Delete a cache folder after `check_cache_folder(root, overwrite=True)` passed: only the
+    entries a store holds are removed, then the (then empty) folder itself."""
+    import shutil
+
+    root = Path(root)
+    check_cache_folder(root, overwrite=True)
+    if not root.exists():
+        return
+    for p in root.iterdir():
+        if _own_entry(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    root.rmdir()  # fails (OSError) rather than deleting anything that appeared meanwhile
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,7 +1,8 @@
 """Check a cache folder end to end (`verify_store`) and summarise it (`store_summary`).
 
 verify_store checks, for every format present (zarr/, wds/): the manifest is present and
-loadable, every planned block is complete (done marker / renamed shard), the stored records are
+loadable, every static item (static/<name>.npz, e.g. the teacher head) matches the sha256 the
+manifest records and loads, every planned block is complete (done marker / renamed shard), the stored records are
 the plan's records for the block, every blob's sha256 matches the block's marker / sidecar,
 and (decode=True) every blob decodes. Each error names the format, block, image id, view and
 file, and the report lists missing blocks so a rerun of cache_teacher can complete them.
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+import numpy as np
 
 from stores.base import REBUILD, StoreError, meta_bytes, target_family
 from stores.codecs import BlobDecodeError, blob_info, decode
-from stores.manifest import MANIFEST_NAME, Manifest
+from stores.manifest import MANIFEST_NAME, STORE_ENTRIES, Manifest
 from stores.wds_store import WdsCacheReader, shard_path, sidecar_path
 from stores.zarr_store import ZarrCacheReader, marker_path
 
@@ -32,6 +34,7 @@ class VerifyReport:
     n_records: int  # records that passed every check (summed over the formats checked)
     errors: list[str] = field(default_factory=list)
     missing_blocks: list[int] = field(default_factory=list)  # union over the formats checked
+    damaged_blocks: list[int] = field(default_factory=list)  # complete blocks with an error (invalidate_blocks)
     formats: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # harmless leftovers (temp files of killed writers)
     per_format: dict[str, dict] = field(default_factory=dict)  # format -> {n_records, missing_blocks}
@@ -73,11 +76,62 @@ def verify_store(
         report.per_format[fmt] = {"n_records": n_ok, "missing_blocks": miss}
         missing.update(miss)
     report.missing_blocks = sorted(missing)
+    report.damaged_blocks.sort()
+    _verify_statics(root, manifest, report)
+    _verify_extras(root, manifest, report)
     for fmt in report.formats:
         for p in (root / fmt).glob("*.tmp-*"):
             report.warnings.append(f"leftover temp file {p} (from an interrupted writer): safe to delete")
     report.ok = not report.errors
     return report
+
+
+def _verify_statics(root: Path, manifest: Manifest, report: VerifyReport) -> None:
+    """Every static item the manifest records (and the head, when it is a cached target) exists,
+    matches its recorded sha256 and loads without pickle; unrecorded .npz files are named too."""
+    expected = dict(manifest.statics)
+    if "head" in manifest.fingerprint.get("targets", []) and "head" not in expected:
+        expected["head"] = ""
+    for name, digest in sorted(expected.items()):
+        path = root / "static" / f"{name}.npz"
+        fix = f"rerun {REBUILD} to rewrite it"
+        if not path.exists():
+            report.errors.append(f"[static] {path} is missing; {fix}")
+            continue
+        if not digest:
+            report.errors.append(f"[static] {path} is not recorded in {root / MANIFEST_NAME}; {fix}")
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            report.errors.append(f"[static] {path} checksum mismatch (damaged); {fix}")
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                for k in z.files:
+                    z[k]
+        except Exception as err:
+            report.errors.append(f"[static] {path} does not load ({type(err).__name__}); {fix}")
+    if (root / "static").exists():
+        for p in sorted((root / "static").iterdir()):
+            if p.suffix == ".npz" and p.stem not in expected:
+                report.warnings.append(f"[static] {p} is not recorded in the manifest (not written by this cache)")
+
+
+def _verify_extras(root: Path, manifest: Manifest, report: VerifyReport) -> None:
+    """Files the plan does not account for (a block number past the plan, a foreign entry in the
+    cache folder): harmless to the readers, named as warnings so nothing in the folder goes unseen."""
+    n = manifest.num_blocks()
+    extra = [p for p in sorted(root.iterdir()) if p.name not in STORE_ENTRIES and ".tmp-" not in p.name]
+    extra += [p for p in (root / "zarr" / "done").glob("block-*.json") if _number(p.stem) >= n]
+    extra += [p for p in (root / "wds").glob("shard-*") if _number(p.name.split(".")[0]) >= n]
+    for p in extra:
+        report.warnings.append(f"{p} is not part of this cache's plan ({n} blocks): not read; safe to remove")
+
+
+def _number(stem: str) -> int:
+    try:
+        return int(stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _blocks(manifest: Manifest, progress: bool, desc: str):
@@ -87,6 +141,16 @@ def _blocks(manifest: Manifest, progress: bool, desc: str):
 
         return tqdm(blocks, desc=desc, unit="block")
     return blocks
+
+
+def _tracked(report: VerifyReport, blocks):
+    """The blocks, noting in report.damaged_blocks each one whose check added an error (the
+    generator resumes after the loop body, `continue` included)."""
+    for b in blocks:
+        n = len(report.errors)
+        yield b
+        if len(report.errors) > n and b not in report.damaged_blocks:
+            report.damaged_blocks.append(b)
 
 
 def _missing_error(fmt: str, root: Path, missing: list[int]) -> str:
@@ -143,7 +207,7 @@ def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, l
         return 0, missing
     store = reader.store
     n_ok = 0
-    for b in _blocks(manifest, progress, "verify zarr"):
+    for b in _tracked(report, _blocks(manifest, progress, "verify zarr")):
         if b not in done:
             continue
         where_marker = marker_path(store, b)
@@ -199,7 +263,7 @@ def _verify_wds(root, manifest, report, decode_blobs, progress) -> tuple[int, li
         return 0, missing
     store = reader.store
     n_ok = 0
-    for b in _blocks(manifest, progress, "verify wds"):
+    for b in _tracked(report, _blocks(manifest, progress, "verify wds")):
         if b not in done:
             continue
         tar = shard_path(store, b)
@@ -235,6 +299,19 @@ def _verify_wds(root, manifest, report, decode_blobs, progress) -> tuple[int, li
     return n_ok, missing
 
 
+def invalidate_blocks(root: str | Path, blocks: list[int]) -> None:
+    """Make `blocks` incomplete in every format present (zarr: remove the done marker; wds: the shard
+    and its sidecar), so the next cache_teacher run recomputes them and only them. The zarr writer
+    deletes a block's old shard files itself before rewriting it."""
+    root = Path(root)
+    for b in blocks:
+        if (root / "zarr").exists():
+            marker_path(root / "zarr", b).unlink(missing_ok=True)
+        if (root / "wds").exists():
+            shard_path(root / "wds", b).unlink(missing_ok=True)
+            sidecar_path(root / "wds", b).unlink(missing_ok=True)
+
+
 def store_summary(root: str | Path, *, fmt: str | None = None, max_records: int | None = None) -> dict:
     """Facts for inspect_cache: records, views, per-target codec / bytes per image / ratio vs float32.
 
@@ -261,8 +338,10 @@ def store_summary(root: str | Path, *, fmt: str | None = None, max_records: int 
         out.update(records=0, views={}, targets={}, families={})
         return out
     reader = ZarrCacheReader(root) if fmt == "zarr" else WdsCacheReader(root)
-    keys = reader.keys()
+    dropped = set(manifest.dropped)
+    keys = [k for k in reader.keys() if k[0] not in dropped]  # placeholders of images the json no longer lists
     out["records"] = len(keys)
+    out["dropped_images"] = len(dropped)
     out["completed_blocks"] = len(reader.completed_blocks())
     out["views"] = dict(sorted(Counter(v for _, v in keys).items()))
     out["images"] = len({i for i, _ in keys})

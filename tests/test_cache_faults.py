@@ -1,5 +1,5 @@
 """Stage 1 under faults: SIGKILL and resume, a no-op rerun, damaged shards / chunks found by
-inspect_cache --verify and repaired by a rerun, a full disk, two dask workers.
+inspect_cache --verify and repaired by a rerun (or --repair), a full disk, two dask workers.
 
 The reference for "value-identical" is the session `tiny_cache`, built in-process uninterrupted
 (every build here runs torch with one thread, see tests/cache_fixtures.py)."""
@@ -143,6 +143,29 @@ def test_corrupt_zarr_chunk_is_reported_and_repaired(tiny_cache, tmp_path, capsy
     assert str(marker) in last, "names the marker to delete"
     marker.unlink()
     rerun(params, tmp_path)
+    assert_equals_reference(params, tiny_cache)
+
+
+def test_repair_recomputes_exactly_what_verify_names(tiny_cache, tmp_path, capsys):
+    """No hand deletion: `cache_teacher --repair` recomputes the damaged blocks verify names (a corrupt
+    zarr chunk, a truncated shard) and a plain rerun rewrites a missing head."""
+    params = copy_cache(tiny_cache, tmp_path)
+    root = Path(params.cache.path)
+    chunk = root / "zarr" / "targets" / "fpn" / "c" / "2"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    shard = root / "wds" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (root / "static" / "head.npz").unlink()
+    report = verify_store(root)
+    assert report.damaged_blocks == [1, 2] and any("head.npz is missing" in e for e in report.errors), report.errors
+    path = write_params(params, tmp_path / "cache.yaml")
+    capsys.readouterr()
+    with torch_threads(1):
+        cache_teacher.main(["--params", str(path), "--repair"])
+    out = capsys.readouterr().out
+    assert "repair: 2 damaged blocks [1, 2] will be recomputed" in out and "(2 computed now, 2 already complete)" in out
     assert_equals_reference(params, tiny_cache)
 
 

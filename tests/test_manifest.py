@@ -107,7 +107,7 @@ def test_check_compatible_accepts_same():
         ({"views": [fingerprint()["views"][0], {"min_size": 192, "max_size": 256, "flip": True}]}, "views[1].min_size", "160", "192"),
         ({"codecs": {"fpn": "fp16+zstd", "cls": "sparse0.01+zstd"}}, "codecs.fpn", "int8c+zstd", "fp16+zstd"),
         ({"targets": ["fpn", "cls"]}, "targets (length)", "3", "2"),
-        ({"schema_version": 2}, "schema_version", "1", "2"),
+        ({"schema_version": SCHEMA_VERSION + 1}, "schema_version", str(SCHEMA_VERSION), str(SCHEMA_VERSION + 1)),
     ],
 )
 def test_check_compatible_names_field(change, field, have, want):
@@ -133,7 +133,7 @@ def test_check_compatible_first_difference_wins_and_missing_keys():
 def test_check_compatible_plan_and_block_size():
     m = manifest()
     with pytest.raises(CacheMismatchError, match=r"different plan \(record 2\): cache has image 2 view s160m256f0"):
-        check_compatible(m, Manifest(1, fingerprint(), make_plan([1, 3, 4, 5, 6], ["s160m256f0", "s160m256f1"]), 4, 5), "c")
+        check_compatible(m, Manifest(SCHEMA_VERSION, fingerprint(), make_plan([1, 3, 4, 5, 6], ["s160m256f0", "s160m256f1"]), 4, 5), "c")
     with pytest.raises(CacheMismatchError, match=r"different plan \(number of records\): cache has 10, you asked for 8"):
         check_compatible(m, manifest(n_images=4), "c")
     with pytest.raises(CacheMismatchError, match="different block_size: cache has 4, you asked for 8"):

@@ -6,21 +6,44 @@ Everything here runs on the driver before any teacher work, so bad params fail i
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from stages.cache.fingerprint import (
+    block_fingerprints,
+    check_blocks_current,
+    dataset_identity,
+    keep_cached_plan,
+    stale_blocks,
+)
 from stages.cache.targets import ALL_TARGETS, DENSE_TARGETS
 from stages.config import Params
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.base import Detector
-from stages.detectors.checkpoint import load_teacher, teacher_model_params
+from stages.detectors.checkpoint import (
+    load_mapped_teacher,
+    load_teacher,
+    open_teacher,
+    teacher_label_map,
+    teacher_model_params,
+    teacher_report,
+)
+from stages.run_record import require_images
 from stores.codecs import parse_chain
-from stores.manifest import SCHEMA_VERSION, Manifest, check_compatible, sha256_file
+from stores.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Manifest,
+    check_cache_folder,
+    check_compatible,
+    remove_store,
+    sha256_file,
+)
+from stores.verify import invalidate_blocks
 from stores.wds_store import WdsCacheReader, WdsCacheWriter
 from stores.zarr_store import ZarrCacheReader, ZarrCacheWriter
 
@@ -64,10 +87,23 @@ def codec_spec(params: Params) -> dict[str, str]:
         if family not in DENSE_TARGETS:
             raise ValueError(f"cache.codecs: {family!r} is not a dense target family ({', '.join(DENSE_TARGETS)})")
         try:
-            out[family] = parse_chain(chain).spec
+            parsed = parse_chain(chain)
         except ValueError as err:
             raise ValueError(f"cache.codecs.{family}: {err}") from None
+        if parsed.transform == "topk" and family != "cls":  # per-anchor classes: class maps only
+            raise ValueError(f"cache.codecs.{family}: {parsed.spec} is for class maps (cls) only")
+        if parsed.transform == "mask" and (family not in ("box", "quality") or "cls" not in params.cache.targets):
+            raise ValueError(f"cache.codecs.{family}: {parsed.spec} masks box/quality maps by the class map: "
+                             "use it for box or quality, with cls in cache.targets")
+        out[family] = parsed.spec
     return out
+
+def teacher_summary(params: Params) -> list[str]:
+    """The inspect_teacher lines for params' teacher on the training set (refuses a teacher that
+    cannot predict the dataset's categories, naming both files, before any block is computed)."""
+    dataset = CocoDataset.from_params(params.data, "train")
+    return teacher_report(params.teacher.checkpoint, params.teacher.model, dataset.categories, params.data.train_ann)
+
 
 def teacher_num_classes(params: Params, dataset: CocoDataset) -> int:
     return params.teacher.model.num_classes or dataset.num_classes
@@ -79,12 +115,16 @@ def expected_fingerprint(params: Params, dataset: CocoDataset | None = None) -> 
     codecs = codec_spec(params)
     ckpt = Path(params.teacher.checkpoint)
     arch = teacher_model_params(ckpt, params.teacher.model)
-    dataset = dataset or CocoDataset(params.data.train_images, params.data.train_ann)
+    dataset = dataset or CocoDataset.from_params(params.data, "train")
+    # the teacher's outputs mapped onto the dataset's categories (refused here, before any work)
+    label_map = teacher_label_map(ckpt, dataset.categories, params.data.train_ann, params.teacher.model)
     return {
         "schema_version": SCHEMA_VERSION,
         "teacher_weights": sha256_file(ckpt),
         "teacher_arch": arch,
-        "dataset": dataset.fingerprint(),
+        "dataset": dataset_identity(dataset),
+        "label_map": label_map.to_dict(),
+        **({"exif_transpose": True} if params.data.exif_transpose else {}),  # other pixels, other targets
         "views": [v.to_dict() for v in cache_views(params)],
         "views_per_image": params.cache.views_per_image,
         "targets": targets,
@@ -111,14 +151,16 @@ class CacheJob:
     digest: str = ""
     num_classes: int = 0
     run_id: str = ""  # one per run_cache call: workers reopen the stores for each run
+    exif_transpose: bool = False  # data.exif_transpose: the worker must decode images as the driver does
 
 
 def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: Detector | None = None) -> Manifest:
-    dataset = dataset or CocoDataset(params.data.train_images, params.data.train_ann)
+    dataset = dataset or CocoDataset.from_params(params.data, "train")
     fingerprint = expected_fingerprint(params, dataset)
     plan = plan_records(dataset.image_ids, cache_views(params), params.cache.views_per_image, params.cache.seed)
+    index = fingerprint["label_map"]["index"]
     if teacher is None:
-        teacher = load_teacher(params.teacher.checkpoint, fingerprint["teacher_arch"], teacher_num_classes(params, dataset))
+        teacher = load_teacher(params.teacher.checkpoint, fingerprint["teacher_arch"], len(index), index)
     if not teacher.dense:
         dense = [t for t in fingerprint["targets"] if t not in ("fpn", "detections")]
         if dense:
@@ -128,6 +170,7 @@ def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: 
     meta = {
         "num_classes": teacher.num_classes,
         "categories": dataset.categories,
+        "teacher_label_space": open_teacher(params.teacher.checkpoint).label_space.to_dict(),
         "strides": list(teacher.strides),
         "box_dim": teacher.box_dim,
         "has_quality": teacher.has_quality,
@@ -142,6 +185,7 @@ def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: 
         block_size=params.cache.block_size,
         levels=len(teacher.strides),
         meta=meta,
+        block_fingerprints=block_fingerprints(plan, params.cache.block_size, dataset),
     )
 
 
@@ -153,15 +197,16 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
     if params.cache.block_size < 1 or params.cache.batch_size < 1:
         raise ValueError(f"cache.block_size and cache.batch_size must be >= 1, got "
                          f"{params.cache.block_size} and {params.cache.batch_size}")
-    dataset = CocoDataset(params.data.train_images, params.data.train_ann)
-    arch = teacher_model_params(params.teacher.checkpoint, params.teacher.model)
-    teacher = load_teacher(params.teacher.checkpoint, arch, teacher_num_classes(params, dataset))
-    manifest = build_manifest(params, dataset, teacher)
     root = Path(params.cache.path)
-    if overwrite and root.exists():
-        import shutil
-
-        shutil.rmtree(root)
+    check_cache_folder(root, overwrite=overwrite)  # before any work: never write into / delete foreign files
+    dataset = CocoDataset.from_params(params.data, "train")
+    require_images(dataset, "data.train_ann")
+    teacher = load_mapped_teacher(params.teacher.checkpoint, params.teacher.model, dataset.categories,
+                                  params.data.train_ann)[0]
+    manifest = build_manifest(params, dataset, teacher)
+    if overwrite:
+        remove_store(root)  # only a recognised store, entry by entry
+    manifest = _refresh_blocks(root, manifest, dataset)
     job = CacheJob(
         root=str(root),
         checkpoint=params.teacher.checkpoint,
@@ -174,16 +219,42 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
         digest=manifest.fingerprint_digest(),
         num_classes=teacher.num_classes,
         run_id=uuid.uuid4().hex,
+        exif_transpose=params.data.exif_transpose,
     )
     writers = [WRITERS[f](root, manifest) for f in job.formats]
     if "head" in manifest.fingerprint["targets"]:
-        # the fingerprint pins the teacher weights, so an existing head file is this head: keep
-        # it (a rerun on a complete cache must not touch any file)
-        names = [] if not (root / "static").exists() else [p.stem for p in (root / "static").glob("*.npz")]
-        if "head" not in names:
-            head = {k: v.detach().float().numpy() for k, v in teacher.head.state_dict().items()}
-            writers[0].write_static("head", head)
+        manifest = _ensure_head(root, manifest, teacher, writers[0])
     return job, manifest
+
+
+def _refresh_blocks(root: Path, manifest: Manifest, dataset: CocoDataset) -> Manifest:
+    """Reopening a cache: refuse other params (naming the field), make the blocks whose images
+    changed incomplete so this run recomputes them (and only them), keep the recorded statics."""
+    path = root / MANIFEST_NAME
+    if not path.exists():
+        return manifest
+    cached = Manifest.load(path)
+    manifest = keep_cached_plan(cached, manifest, dataset)  # dropped images: no other block moves
+    check_compatible(cached, manifest, root)
+    manifest = replace(manifest, statics=cached.statics)
+    stale = stale_blocks(cached, manifest.block_fingerprints)
+    if stale:
+        invalidate_blocks(root, stale)  # first: a kill after this leaves them missing, never stale-but-done
+        manifest.save(path)
+    return manifest
+
+
+def _ensure_head(root: Path, manifest: Manifest, teacher: Detector, writer) -> Manifest:
+    """static/head.npz, recorded (sha256) in the manifest; an intact head is left untouched (a rerun
+    on a complete cache touches no file), a missing or damaged one is rewritten."""
+    path = root / "static" / "head.npz"
+    want = manifest.statics.get("head")
+    if want and path.exists() and sha256_file(path) == want:
+        return manifest
+    writer.write_static("head", {k: v.detach().float().numpy() for k, v in teacher.head.state_dict().items()})
+    manifest = replace(manifest, statics={**manifest.statics, "head": sha256_file(path)})
+    manifest.save(root / MANIFEST_NAME)
+    return manifest
 
 
 def open_reader(root: str | Path, fmt: str):
@@ -197,4 +268,10 @@ def open_reader(root: str | Path, fmt: str):
 
 
 def check_cache(reader, params: Params) -> None:
-    check_compatible(reader.manifest, expected_fingerprint(params), reader.root)
+    """Stage 2: the cache was built from these params (fields) and this image content (per block)."""
+    dataset = CocoDataset.from_params(params.data, "train")
+    check_compatible(reader.manifest, expected_fingerprint(params, dataset), reader.root)
+    from stages import distributed
+
+    if distributed.is_main():  # every image is read once, not once per rank (torchrun stops all if it fails)
+        check_blocks_current(reader.manifest, dataset, reader.root)

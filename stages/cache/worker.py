@@ -2,7 +2,8 @@
 
 A block is computed and written whole by one process (so no two writers touch one shard), its
 done marker last: a killed run resumes with only the missing blocks. Every worker process loads
-the teacher once and keeps it.
+the teacher once and keeps it. On a dask cluster a block is written under its scheduler claim
+(`stages.cache.claims`: no file locks; what the filesystem must offer is documented there).
 
 The teacher is the bottleneck by design. Per block: images are decoded ahead (a prefetch thread,
 or DataLoader workers), batches hold one padded size (the student will see exactly that input),
@@ -18,7 +19,6 @@ run with one thread each. Per-block stats record the count.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing
 import os
 import queue
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.cache.claims import claim, remove_stale_temps
 from stages.cache.plan import WRITERS, CacheJob
 from stages.cache.targets import device_prepare, extract_records, parts_to_numpy, record_meta
 from stages.data.batching import ViewDataset, collate, view_padded_size
@@ -40,7 +41,7 @@ from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.checkpoint import load_teacher
 from stages.training import resolve_device
-from stores.base import EncodedRecord
+from stores.base import EncodedRecord, codec_inputs, target_family
 from stores.codecs import CodecChain, effective_chain, pack, parse_chain
 from stores.manifest import Manifest
 
@@ -60,16 +61,19 @@ def _worker_state(job: CacheJob) -> dict[str, Any]:
         _WORKER.pop("teacher", None)  # free the old teacher's (GPU) memory before loading
         device = _worker_device(job.device)
         manifest = Manifest.load(Path(job.root) / "manifest.json")
-        teacher = load_teacher(job.checkpoint, manifest.fingerprint["teacher_arch"], job.num_classes)
+        index = manifest.fingerprint.get("label_map", {}).get("index")  # the teacher's classes -> the dataset's
+        teacher = load_teacher(job.checkpoint, manifest.fingerprint["teacher_arch"], job.num_classes, index)
         _WORKER.update(teacher_key=teacher_key, device=device, teacher=teacher.to(device).eval())
+        _WORKER["teacher_loads"] = _WORKER.get("teacher_loads", 0) + 1  # per process: stats show it is 1
     if _WORKER.get("job") != job:
         manifest = Manifest.load(Path(job.root) / "manifest.json")
         _WORKER.update(
             job=job,
             manifest=manifest,
-            dataset=CocoDataset(job.images_dir, job.ann_file),
-            writers=[WRITERS[f](job.root, manifest) for f in job.formats],
+            dataset=CocoDataset(job.images_dir, job.ann_file, exif_transpose=job.exif_transpose),
         )
+        with claim(job.digest, "store"):  # opening checks/creates folders: one worker at a time
+            _WORKER["writers"] = [WRITERS[f](job.root, manifest) for f in job.formats]
     if "encoder" not in _WORKER:
         _WORKER["encoder"] = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="kdcache-encode")
     return _WORKER
@@ -192,9 +196,11 @@ def compute_block(job: CacheJob, block: int) -> ComputedBlock | None:
     targets = fp["targets"]
     views = {View.from_dict(v).key: View.from_dict(v) for v in fp["views"]}
     keys = manifest.block_records(block)
+    dropped = set(manifest.dropped)
+    live = [k for k in keys if k[0] not in dropped]  # dropped images get placeholders (finish_block)
     codecs = {f: parse_chain(c) for f, c in fp["codecs"].items()}
-    batches = block_batches(keys, views, dataset, job.batch_size)
-    items = ViewDataset.from_pairs(dataset, [(image_id, views[key]) for image_id, key in keys])
+    batches = block_batches(live, views, dataset, job.batch_size)
+    items = ViewDataset.from_pairs(dataset, [(image_id, views[key]) for image_id, key in live])
     encoded, teacher_s = [], 0.0
     for batch in _loader(job, items, batches, device):
         t1 = time.perf_counter()
@@ -206,7 +212,8 @@ def compute_block(job: CacheJob, block: int) -> ComputedBlock | None:
             records = extract_records(out, targets, gt, cands, teacher.num_classes)
             host = []
             for b, rec in enumerate(records):
-                arrays = {n: _prepare_array(t, codecs.get(n.split(".")[0], DEFAULT_CHAIN)) for n, t in rec.items()}
+                arrays = {n: _prepare_array(t, codecs.get(n.split(".")[0], DEFAULT_CHAIN),
+                                            **codec_inputs(n, rec, teacher.num_classes)) for n, t in rec.items()}
                 meta = record_meta(batch["image_ids"][b], batch["views"][b], batch["image_sizes"][b],
                                    tuple(images.shape[-2:]), teacher.strides)
                 host.append((int(batch["image_ids"][b]), batch["views"][b], meta, arrays))
@@ -219,19 +226,11 @@ def compute_block(job: CacheJob, block: int) -> ComputedBlock | None:
     return ComputedBlock(block, keys, encoded, teacher_s, t0)
 
 
-@contextlib.contextmanager
-def block_lock(root: str | Path, block: int) -> Iterator[None]:
-    """Exclusive inter-process lock of one block (``<root>/.locks/block-N.lock``): a second run on
-    the same cache, or a dask task rescheduled while its first copy still runs, waits instead of
-    rewriting the shard under the first writer."""
-    path = Path(root) / ".locks" / f"block-{block:06d}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def dropped_record(image_id: int, view: str) -> EncodedRecord:
+    """The placeholder of a record whose image the dataset no longer lists (Manifest.dropped): it
+    keeps the record's place in the plan, so no other block moves; it holds no target."""
+    return EncodedRecord(image_id=int(image_id), view=str(view), meta={"image_id": int(image_id), "view": str(view),
+                         "dropped": True}, blobs={})
 
 
 def finish_block(job: CacheJob, computed: ComputedBlock) -> dict[str, Any]:
@@ -240,9 +239,17 @@ def finish_block(job: CacheJob, computed: ComputedBlock) -> dict[str, Any]:
     t0 = time.perf_counter()
     encoded = [r for f in computed.encoded for r in f.result()]
     by_key = {(r.image_id, r.view): r for r in encoded}
-    ordered = [by_key[tuple(k)] for k in computed.keys]
-    with block_lock(job.root, computed.block):
+    ordered = [by_key.get(tuple(k)) or dropped_record(*k) for k in computed.keys]
+    # the first writes of a Zarr store create its per-family arrays: one creator at a time
+    first = "zarr" in job.formats and not all(
+        (Path(job.root) / "zarr" / "targets" / target_family(n) / "zarr.json").exists() for r in ordered for n in r.blobs
+    )
+    with claim(job.digest, "store") if first else contextlib.nullcontext(), claim(job.digest, f"block-{computed.block}"):
+        # under the claim: a copy of this task that finished first made the block complete, and a
+        # copy that died mid-publish left temp files only (see stages.cache.claims)
         writers = [w for w in state["writers"] if computed.block not in w.completed_blocks()]
+        if writers:
+            remove_stale_temps(job.root, computed.block)
         for w in writers:
             w.write_block(computed.block, ordered)
     now = time.perf_counter()
@@ -257,6 +264,7 @@ def finish_block(job: CacheJob, computed: ComputedBlock) -> dict[str, Any]:
         "skipped": False,
         "pid": os.getpid(),
         "torch_threads": torch.get_num_threads(),
+        "teacher_loads": state["teacher_loads"],
     }
 
 
@@ -286,13 +294,14 @@ def cache_blocks(job: CacheJob, blocks: Iterable[int]) -> Iterator[dict[str, Any
             yield pending.result()
 
 
-def _prepare_array(tensor: torch.Tensor, chain: CodecChain) -> tuple[dict, CodecChain, tuple, np.dtype]:
-    """Device-side transform of one record array, with its host copy already under way."""
+def _prepare_array(tensor: torch.Tensor, chain: CodecChain, **inputs) -> tuple[dict, CodecChain, tuple, np.dtype]:
+    """Device-side transform of one record array, with its host copy already under way.
+    `inputs`: the transform's side inputs (`stores.base.codec_inputs`)."""
     if tensor.is_floating_point() and tensor.dtype != torch.float64:
         tensor = tensor.float()  # autocast's bf16/fp16 maps are stored from float32
     dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
     chain = effective_chain(np.empty(0, dtype), chain)
-    parts = {k: _to_host(v) for k, v in device_prepare(tensor, chain).items()}
+    parts = {k: _to_host(v) for k, v in device_prepare(tensor, chain, **inputs).items()}
     return parts, chain, tuple(tensor.shape), dtype
 
 

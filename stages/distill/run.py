@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.cache.plan import check_cache, open_reader, teacher_num_classes
+from stages import distributed
+from stages.cache.plan import check_cache, open_reader
 from stages.cache.targets import PER_IMAGE_TARGETS
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.batching import ViewDataset, collate, view_padded_size
@@ -27,8 +28,8 @@ from stages.data.views import View
 from stages.detector_training import to_device
 from stages.detectors.base import crosskd_run_from_index
 from stages.detectors.build import build_detector, checkpoint_dict
-from stages.detectors.checkpoint import load_teacher, teacher_model_params
-from stages.distill.loader import CachedViewDataset, check_padding, wds_batches
+from stages.detectors.checkpoint import load_mapped_teacher
+from stages.distill.loader import CachedViewDataset, cached_views, check_padding, wds_batches
 from stages.distill.teacher_source import (
     cached_records_to_device,
     live_records,
@@ -37,7 +38,8 @@ from stages.distill.teacher_source import (
 )
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.training import EpochBatchSampler, resolve_device, save_checkpoint, train_loop
+from stages.run_record import check_student_run
+from stages.training import EpochBatchSampler, save_checkpoint, train_loop
 
 
 def resolve_distill(params: Params, experiment: str | None) -> DistillParams:
@@ -76,7 +78,20 @@ def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: 
         reg_max=student.reg_max,
         student_dense=student.dense,
         teacher_has_quality=t_quality,
+        assign=student_assigner(student) if student.dense else None,
+        student_head_convs=getattr(student, "head_convs", 0),
+        teacher_head_convs=t_arch.get("head_convs", 0) if t_arch["arch"] != "faster_rcnn" else 0,
     )
+
+
+def student_assigner(student: nn.Module) -> Callable:
+    """The student's own GT assignment (what its detection loss uses), for the KD normalisers."""
+
+    def assign(out, targets: list[dict]) -> list[torch.Tensor]:
+        device = out.anchors[0].device
+        return student.matches(out, student.prepare_targets(targets, device))[1]
+
+    return assign
 
 
 def run_from_index(distill: DistillParams, teacher_arch: str, head_convs: int) -> int:
@@ -105,16 +120,18 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
     distill = resolve_distill(params, experiment)
     cfg = params.train
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    coco = CocoDataset(params.data.train_images, params.data.train_ann)
+    device = distributed.local_device(cfg.device)
+    coco = CocoDataset.from_params(params.data, "train")
     student_cfg = params.student.model
     student = build_detector(student_cfg, student_cfg.num_classes or coco.num_classes).to(device)
     views = [View(v.min_size, v.max_size, v.flip) for v in params.cache.views]
 
     teacher, reader = None, None
     if distill.teacher == "online":
-        t_arch = teacher_model_params(params.teacher.checkpoint, params.teacher.model)
-        teacher = load_teacher(params.teacher.checkpoint, t_arch, teacher_num_classes(params, coco)).to(device).eval()
+        # the teacher's class outputs sliced to the dataset's categories (refused if it cannot predict them)
+        teacher, t_arch, _ = load_mapped_teacher(params.teacher.checkpoint, params.teacher.model, coco.categories,
+                                                 params.data.train_ann)
+        teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
@@ -126,7 +143,9 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
         t_info = TeacherInfo(t_arch, reader.manifest.meta["num_classes"], None)
         t_box_dim, t_quality = reader.manifest.meta["box_dim"], reader.manifest.meta["has_quality"]
     if t_info.num_classes != student.num_classes:
-        raise ValueError(f"teacher has {t_info.num_classes} classes, student {student.num_classes}: same dataset?")
+        raise ValueError(f"the teacher is mapped onto the dataset's {t_info.num_classes} categories "
+                         f"({params.data.train_ann}) but student.model.num_classes is {student.num_classes}; "
+                         "set it to 0 (= the dataset's categories)")
 
     ctx = loss_context(student, t_arch, t_info.num_classes, t_box_dim, t_quality)
     kd = build_kd_losses(distill.losses, ctx, distill).to(device)
@@ -154,18 +173,21 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
             losses.update({k: v for k, v in kd_losses.items() if k != "kd_total"})
         return losses
 
-    make_batches = _batch_source(distill, coco, views, reader, cfg, targets_needed)
+    make_batches = _batch_source(distill, coco, views, reader, cfg, targets_needed, pin=device.type == "cuda")
     return DistillRun(distill, device, coco, student, kd, teacher_targets, step_loss, make_batches)
 
 
-def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True) -> dict:
+def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True,
+                  overwrite: bool = False) -> dict:
     """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics."""
     run = build_run(params, experiment)
+    check_student_run(params, run.distill, experiment, out_dir, overwrite, run.coco)  # stages.run_record
     student_cfg = params.student.model
     meta = checkpoint_dict(run.student, student_cfg)
     meta.pop("model")
     meta.update(categories=run.coco.categories, params=to_dict(params), experiment=experiment or "")
-    train_loop(
+    # the student and the KD modules (adapters, the CSKD assistant branch) train inside one DDP module
+    last = train_loop(
         modules={"model": run.student, "kd": run.kd},
         step_loss=run.step_loss,
         make_batches=run.make_batches,
@@ -176,14 +198,16 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
         progress=progress,
         desc=f"student {experiment or ''}".strip(),
     )
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if not distributed.is_main():  # rank 0 alone writes the model, the metrics and the evaluation
         return {}
     final = checkpoint_dict(run.student.cpu(), student_cfg) | {"categories": run.coco.categories, "step": params.train.steps}
     save_checkpoint(out_dir / "model.pt", final)
-    val = CocoDataset(params.data.val_images, params.data.val_ann)
+    val = CocoDataset.from_params(params.data, "val")
     view = View(params.data.min_size, params.data.max_size)
     metrics = evaluate(run.student.to(run.device), val, view, params.eval.batch_size, run.device, progress)
     metrics.update(experiment=experiment or "", teacher_mode=run.distill.teacher, losses=run.distill.losses)
+    if "mean_sec_per_step" in last:  # per-step time of this run (per rank under torchrun), for dvc exp show
+        metrics.update(sec_per_step=last["mean_sec_per_step"], processes=distributed.world())
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
@@ -195,14 +219,19 @@ def _targets_for(needs: set[str]) -> set[str]:
     return {mapping[n] for n in needs if mapping[n] in PER_IMAGE_TARGETS}
 
 
-def _batch_source(distill, coco, views, reader, cfg, targets):
+def _batch_source(distill, coco, views, reader, cfg, targets, pin: bool = False):
+    """Batches of the run; `pin`: collate pins the cached compact parts (CUDA training device)."""
     if distill.teacher == "offline" and distill.source == "wds":
         from stores.wds_store import decode_sample
 
-        def decode(sample):
-            return decode_sample(sample, targets)
+        cached_views(reader, coco, views)  # a partial cache is refused as the Zarr source refuses it
 
-        return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start)
+        def decode(sample):  # checksums checked; compact parts, dequantised on the training device
+            return decode_sample(sample, targets, compact=True)
+
+        # WebDataset: each rank (node) and DataLoader worker streams its own shards
+        return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start,
+                                         pin=pin)
     if reader is not None:
         dataset = CachedViewDataset(coco, views, reader, targets)
         views_of, bucket_of = dataset.views_of, dataset.bucket_of
@@ -215,13 +244,13 @@ def _batch_source(distill, coco, views, reader, cfg, targets):
         sampler = EpochBatchSampler(len(coco), cfg.batch_size, cfg.seed, num_views=len(views), start_step=start,
                                     views_of=views_of, bucket_of=bucket_of, **_ddp_rank())
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+                                             num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                                             pin_memory=pin and reader is not None)
         return iter(loader)
 
     return make
 
 
 def _ddp_rank() -> dict:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return {"rank": torch.distributed.get_rank(), "world": torch.distributed.get_world_size()}
-    return {}
+    """Zarr by index: each rank reads its slice of every global batch the sampler draws."""
+    return {"rank": distributed.rank(), "world": distributed.world()}
