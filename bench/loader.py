@@ -1,21 +1,35 @@
-"""Stage 2 loaders: decoded cache records per second in one worker process, Zarr vs WebDataset.
+"""Stage 2 loaders: records per second in one worker process, Zarr vs WebDataset, before and after
+issue 9 (compact codecs, decoded on the training device).
 
-Sides, alternated round by round, each reading every record of the store once:
+What a loader worker does per record, per side (alternated round by round, each reading every
+record of the store once):
 
-  zarr            `ZarrCacheReader.get(image_id, view)` in a seeded random order (random access,
-                  what `CachedViewDataset` does per item): every target decoded
-  wds             `webdataset.WebDataset(shards)` streamed in order (as `wds_batches` does),
-                  each sample through `stores.wds_store.decode_sample`: every target decoded
-  zarr fpn-only   the same two reading only the fpn family (what an SSIM / feature-MSE
-  wds fpn-only    student needs): Zarr skips the other families' bytes, WebDataset reads them
+  zarr            `ZarrCacheReader.get(image_id, view, compact=...)` in a seeded random order
+                  (random access, what `CachedViewDataset` does per item)
+  wds             `webdataset.WebDataset(shards)` streamed in order (as `wds_batches` does), each
+                  sample through `stores.wds_store.decode_sample(..., compact=...)`, which checks
+                  the sample's sha256 against its shard's sidecar first (issue 11)
+  zarr fpn-only   the same two reading only the fpn family (what an SSIM / feature-MSE student
+  wds fpn-only    needs): Zarr skips the other families' bytes, WebDataset reads them
 
-on two stores:
-  <scale> teacher  the benchmark set cached by the real caching loop from the random teacher
-                   (demo targets and codecs)
-  800x1344 synth   records with RetinaNet COCO shapes at an 800x1344 image: FPN 256 ch, cls 9x80,
-                   box 9x4 at strides 8..128 (P3 100x168 ... P7 7x11), trained-like contents
-                   (`bench.synth_targets`), encoded with the default codecs (`CacheParams`) by
-                   `stores.encode_record` and written by the real Zarr and WebDataset writers
+  compact=False   "before": every target decoded to float32 numpy maps in the worker (the numpy
+                  reference decode; what stage 2 did before issue 9)
+  compact=True    "after": the lossless stage and framing only (`stores.codecs.unpack`), the parts
+                  handed on as they are stored; the dequantise / scatter runs on the training device
+
+  device decode   (after stores only) `stages.distill.device_decode.decode_on_device` of every
+                  record's compact parts with torch on THIS machine's CPU, one thread: the work
+                  moved off the loader worker; on a GPU it is a few kernels per record
+
+Stores:
+  <scale> teacher   the benchmark set cached by the real caching loop from the random teacher
+                    (demo targets and codecs, params.yaml)
+  800x1344 synth    records with RetinaNet COCO shapes at an 800x1344 image: FPN 256 ch, cls 9x80,
+                    box 9x4 at strides 8..128 (P3 100x168 ... P7 7x11), `bench.synth_targets`
+                    contents, encoded by `stores.encode_record` and written by the real Zarr and
+                    WebDataset writers, once with the codecs of before issue 9 (BEFORE_CODECS,
+                    read with compact=False) and once with today's defaults (`CacheParams`,
+                    read with compact=True)
 
 One process, one thread (the figure a DataLoader worker gets; multiply by workers).
 """
@@ -36,6 +50,7 @@ from bench.common import (
     interleaved,
     make_parser,
     md_table,
+    median,
     paired_ratio,
     print_table,
     settings_from,
@@ -49,7 +64,9 @@ from stages.cache.targets import record_meta
 from stages.config import CacheParams
 from stages.data.batching import padded_size
 from stages.data.views import View
+from stages.distill.device_decode import record_to_device
 from stores import Manifest, encode_record, open_reader, open_writer
+from stores.base import target_family
 from stores.manifest import SCHEMA_VERSION
 from stores.wds_store import decode_sample
 
@@ -57,14 +74,19 @@ NAME = "loader"
 BIG_HW = (800, 1344)
 BIG_RECORDS = 6
 BIG_BLOCK = 2
+DEVICE_SIDE = "device decode (cpu torch)"
+
+
+BEFORE_CODECS = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd"}  # defaults before issue 9
 
 
 def synthetic_store(root: Path, records: int, hw: tuple[int, int] = BIG_HW, seed: int = 0,
-                    fpn_channels: int = 256, num_classes: int = 80) -> Path:
-    """A RetinaNet-shaped cache (both formats) of `records` records of hw-sized images, built once."""
+                    fpn_channels: int = 256, num_classes: int = 80, codecs: dict | None = None) -> Path:
+    """A RetinaNet-shaped cache (both formats) of `records` records of hw-sized images, built once,
+    with `codecs` (default: today's `CacheParams` defaults for fpn, cls, box)."""
     if (root / "manifest.json").exists():
         return root
-    codecs = {f: CacheParams().codecs[f] for f in ("fpn", "cls", "box")}
+    codecs = dict(codecs) if codecs else {f: CacheParams().codecs[f] for f in ("fpn", "cls", "box")}
     key = View(min(hw), max(hw), False).key
     plan = [(i + 1, key) for i in range(records)]
     manifest = Manifest(
@@ -84,38 +106,50 @@ def synthetic_store(root: Path, records: int, hw: tuple[int, int] = BIG_HW, seed
             meta = record_meta(image_id, view, hw, padded_size(*hw), STRIDES)
             if meta["level_sizes"] != [list(s) for s in level_sizes(*hw)]:
                 raise RuntimeError("synthetic maps and record meta disagree on the level sizes")
-            encoded.append(encode_record(image_id, view, meta, arrays, codecs))
+            encoded.append(encode_record(image_id, view, meta, arrays, codecs, num_classes=num_classes))
         for w in writers:
             w.write_block(block, encoded)
     return root
 
 
-def _decoded_bytes(rec) -> int:
+def _held_bytes(rec) -> int:
+    """Bytes a worker hands on: float32 maps (reference decode) or compact parts."""
     return sum(a.nbytes for a in rec["arrays"].values())
 
 
-def measure_store(root: Path, settings: Settings) -> dict[str, Any]:
+def _bytes_by_family(reader, keys) -> dict[str, float]:
+    """Stored blob bytes per target family, mean per record."""
+    out: dict[str, float] = {}
+    for image_id, view in keys:
+        for name, blob in reader.get_encoded(image_id, view).blobs.items():
+            fam = target_family(name)
+            out[fam] = out.get(fam, 0.0) + len(blob) / len(keys)
+    return out
+
+
+def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[str, Any]:
+    """Records/s per worker of both readers; `compact`: hand on parts (after) or float32 maps (before)."""
     zarr_reader = open_reader(root, "zarr")
     wds_reader = open_reader(root, "wds")
     keys = zarr_reader.keys()
     order = list(keys)
     random.Random(0).shuffle(order)
     shards = wds_reader.shard_paths()
-    decoded = {"all": 0, "fpn": 0}
+    held = {"all": 0, "fpn": 0}
 
     def zarr_side(targets):
         def run():
             n = 0
             for image_id, view in order:
-                n += _decoded_bytes(zarr_reader.get(image_id, view, targets=targets))
-            decoded["fpn" if targets else "all"] = n
+                n += _held_bytes(zarr_reader.get(image_id, view, targets=targets, compact=compact))
+            held["fpn" if targets else "all"] = n
         return run
 
     def wds_side(targets):
         def run():
-            n, count = 0, 0
+            count = 0
             for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-                n += _decoded_bytes(decode_sample(sample, targets))
+                decode_sample(sample, targets, compact=compact)
                 count += 1
             if count != len(keys):
                 raise RuntimeError(f"webdataset streamed {count} records of {len(keys)} from {root}")
@@ -123,15 +157,42 @@ def measure_store(root: Path, settings: Settings) -> dict[str, Any]:
 
     sides = {"zarr": zarr_side(None), "wds": wds_side(None), "zarr fpn-only": zarr_side(["fpn"]),
              "wds fpn-only": wds_side(["fpn"])}
-    timing = interleaved(sides, settings.rounds)
-    stored = sum(p.stat().st_size for p in (root / "wds").glob("*.tar"))
+    compacts = [zarr_reader.get(i, v, compact=True).arrays for i, v in keys] if compact else []
+    if compact:
+        cpu = torch.device("cpu")
+
+        def device_side():
+            for rec in compacts:
+                record_to_device(rec, cpu)
+        sides[DEVICE_SIDE] = device_side
+    cpu_s: dict[str, list[float]] = {name: [] for name in sides}
+
+    def cpu_timed(name, fn):  # CPU seconds of this process: what one worker costs on a core of its own
+        def run():
+            t0 = time.process_time()
+            fn()
+            cpu_s[name].append(time.process_time() - t0)
+        return run
+
+    timing = interleaved({name: cpu_timed(name, fn) for name, fn in sides.items()}, settings.rounds)
     n = len(keys)
+    cpu_rate = {name: n / median(ts[1:] or ts) for name, ts in cpu_s.items()}  # the first call is the warm-up
+    stored = sum(p.stat().st_size for p in (root / "wds").glob("*.tar"))
     return {
         "records": n,
+        "compact": compact,
+        "codecs": zarr_reader.manifest.fingerprint.get("codecs"),
         "stored_mb_per_record": stored / n / 1e6,
-        "decoded_mb_per_record": decoded["all"] / n / 1e6,
-        "decoded_fpn_mb_per_record": decoded["fpn"] / n / 1e6,
-        "records_per_s": {side: n / s for side, s in timing["median_s"].items()},
+        "stored_mb_by_family": {f: b / 1e6 for f, b in _bytes_by_family(zarr_reader, keys).items()},
+        # what the worker hands on: float32 maps (compact=False) or the compact parts (compact=True)
+        "decoded_mb_per_record": held["all"] / n / 1e6,
+        "decoded_fpn_mb_per_record": held["fpn"] / n / 1e6,
+        "records_per_s": {side: n / s for side, s in timing["median_s"].items() if side != DEVICE_SIDE},
+        # the dequantise / scatter the training device does, here on this CPU (compact stores only)
+        "device_decode_records_per_s": n / timing["median_s"][DEVICE_SIDE] if compact else None,
+        # records per CPU-second of the worker process: steadier than wall time on a shared machine
+        "records_per_cpu_s": {k: v for k, v in cpu_rate.items() if k != DEVICE_SIDE},
+        "device_decode_records_per_cpu_s": cpu_rate.get(DEVICE_SIDE),
         "ratio_wds_vs_zarr": 1.0 / paired_ratio(timing, "wds", "zarr"),
         "ratio_wds_vs_zarr_fpn_only": 1.0 / paired_ratio(timing, "wds fpn-only", "zarr fpn-only"),
         "timing": timing,
@@ -142,14 +203,21 @@ def summary_md(result: dict) -> str:
     rows = []
     for store, r in result["results"]["stores"].items():
         rps = r["records_per_s"]
-        rows.append([store, r["records"], r["stored_mb_per_record"], r["decoded_mb_per_record"], rps["zarr"],
-                     rps["wds"], r["ratio_wds_vs_zarr"], rps["zarr fpn-only"], rps["wds fpn-only"],
-                     rps["zarr"] * r["decoded_mb_per_record"]])
-    table = md_table(["store", "records", "stored MB/rec", "decoded MB/rec", "zarr rec/s", "wds rec/s",
-                      "wds / zarr", "zarr fpn-only rec/s", "wds fpn-only rec/s", "zarr decoded MB/s"], rows)
+        cpu = r.get("records_per_cpu_s", {})
+        rows.append([store, "compact parts" if r.get("compact") else "float32 maps", r["records"],
+                     r["stored_mb_per_record"], r["decoded_mb_per_record"], rps["zarr"], rps["wds"],
+                     cpu.get("zarr"), cpu.get("wds"), r["ratio_wds_vs_zarr"], rps["zarr fpn-only"],
+                     rps["wds fpn-only"], r.get("device_decode_records_per_s")])
+    table = md_table(["store", "worker hands on", "records", "stored MB/rec", "handed-on MB/rec", "zarr rec/s",
+                      "wds rec/s", "zarr rec/CPU-s", "wds rec/CPU-s", "wds / zarr", "zarr fpn-only rec/s",
+                      "wds fpn-only rec/s", "device decode rec/s (CPU torch)"], rows)
     return (table + "\n\nPer worker process (one thread); rec/s medians over rounds, wds / zarr the median "
-            "per-round throughput ratio. A student reading only FPN maps skips the other families' bytes with "
-            "Zarr; WebDataset streams them anyway.")
+            "per-round throughput ratio; rec/CPU-s = records per CPU-second of the worker process (what a "
+            "worker with a core of its own would do; steadier than wall time on a loaded machine). *before*: the codecs of before issue 9, every map decoded to float32 "
+            "in the worker; *after*: today's default codecs, the worker only undoes zstd and the framing "
+            "(wds also checks each sample's sha256) and the training device dequantises (the last column is "
+            "that work on this CPU, one torch thread). A student reading only FPN maps skips the other "
+            "families' bytes with Zarr; WebDataset streams them anyway.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,8 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
             cache = built_cache(fix)
         out["stores"][f"{settings.scale.name} teacher ({arch}, {fix.padded_size[0]}x{fix.padded_size[1]})"] = (
             measure_store(cache, settings))
-        big = synthetic_store(work / "synthetic-800x1344", BIG_RECORDS)
-        out["stores"]["800x1344 synthetic (RetinaNet COCO shapes)"] = measure_store(big, settings)
+        before = synthetic_store(work / "synthetic-800x1344-before", BIG_RECORDS, codecs=BEFORE_CODECS)
+        out["stores"]["800x1344 synthetic, before (issue-9 codecs off, CPU decode)"] = measure_store(
+            before, settings, compact=False)
+        after = synthetic_store(work / "synthetic-800x1344", BIG_RECORDS)
+        out["stores"]["800x1344 synthetic, after (default codecs, device decode)"] = measure_store(after, settings)
     rows = [[s, r["records_per_s"]["zarr"], r["records_per_s"]["wds"], r["ratio_wds_vs_zarr"],
              r["stored_mb_per_record"]] for s, r in out["stores"].items()]
     print_table(f"{NAME} ({settings.scale.name})", ["store", "zarr rec/s", "wds rec/s", "wds/zarr", "stored MB/rec"],

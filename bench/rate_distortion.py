@@ -15,7 +15,13 @@ family (fpn, cls, box) and each chain of `stores.codecs.CODEC_CHAINS_FOR_BENCH`:
                  student (the scale's student; train mode, as in a step); teacher targets batched
                  by `records_to_targets` from the live records with only this family decoded
 
-`sparse*` and `u8p` transforms are defined for probability maps: they run on cls only.
+Issue 9 chains (`COMPACT_CHAINS`), per family: fpn pcaK (per-level channel PCA, int8 coefficients)
+and zfpT (ZFP fixed accuracy); cls topkKfF (per-anchor top-K classes above F, logit-domain uint8,
+explicit background); box maskT (only cells whose class score >= T; the record's live class map is
+the score). Encoded with the side inputs stage 1 gives them (`stores.base.codec_inputs`).
+
+`sparse*`, `u8p` and `topk*` transforms are defined for probability maps: they run on cls only;
+`mask*` runs on box only.
 An untrained RetinaNet predicts its 0.01 prior almost everywhere, so its class maps are not sparse;
 the extra `cls (trained-like)` rows run the same chains on synthetic maps with trained-detector
 statistics (`bench.synth_targets`) standing in for the teacher's class maps: same shapes, same
@@ -50,11 +56,18 @@ from stages.detectors.build import build_detector, load_detector
 from stages.distill.run import loss_context, run_from_index
 from stages.distill.teacher_source import live_records, records_to_targets
 from stages.losses.registry import build_kd_losses
+from stores.base import codec_inputs
 from stores.codecs import CODEC_CHAINS_FOR_BENCH, decode, encode, parse_chain
 
 NAME = "rate_distortion"
 FAMILIES = ("fpn", "cls", "box")
-PROBABILITY_ONLY = ("sparse", "u8p")
+PROBABILITY_ONLY = ("sparse", "u8p", "topk")
+BOX_ONLY = ("mask",)
+COMPACT_CHAINS = ["pca8+zstd", "pca16+zstd", "pca32+zstd", "pca64+zstd", "zfp0.05+none", "zfp0.01+none",
+                  "topk1f0.01+zstd", "topk2f0.01+zstd", "topk2f0.02+zstd", "topk3f0.005+zstd", "topk1f0.05+zstd",
+                  "topk9f0.002+zstd",
+                  "mask0.01+zstd", "mask0.05+zstd", "mask0.1+zstd"]
+FAMILY_TRANSFORMS = {"fpn": ("pca", "zfp"), "cls": ("topk",), "box": ("mask",)}
 # every registry loss that reads fpn/cls/box; rm reads candidate scores only (stored exactly)
 METHODS = ("mse", "cosine", "ssim", "cskd", "pfi", "crosskd")
 LIVE_TARGETS = ["fpn", "cls", "box", "candidates", "tower_stats"]
@@ -62,7 +75,17 @@ MIN_TIMED_S = 0.02  # repeat a measurement until it lasts this long (sub-ms timi
 
 
 def applicable(family: str, chain: str) -> bool:
-    return parse_chain(chain).transform not in PROBABILITY_ONLY or family.startswith("cls")
+    t = parse_chain(chain).transform
+    if t in BOX_ONLY:
+        return family.startswith("box")
+    return t not in PROBABILITY_ONLY or family.startswith("cls")
+
+
+def chains_for(family: str) -> list[str]:
+    """The old chains that apply to `family`, then the issue-9 chains of its own transforms."""
+    base = family.split(" ")[0]
+    old = [c for c in CODEC_CHAINS_FOR_BENCH if applicable(base, c)]
+    return old + [c for c in COMPACT_CHAINS if parse_chain(c).transform in FAMILY_TRANSFORMS.get(base, ())]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -94,6 +117,7 @@ class LiveSet:
             self.losses[method] = build_kd_losses({method: 1.0}, ctx, distill).to(device).train()
         self.needs = {m: sorted(k.needs()) for m, k in self.losses.items()}
         self.head = teacher.head
+        self.num_classes = teacher.num_classes
         self.index = run_from_index(distill, fix.teacher_cfg.arch, fix.teacher_cfg.head_convs)
         self.strides = list(student.strides)
         self.batches: list[dict[str, Any]] = []
@@ -158,14 +182,17 @@ def _timed(fn) -> tuple[float, int]:
 
 
 def measure_family(records: list[list[tuple[str, np.ndarray]]], chains: list[str], rounds: int,
-                   live: LiveSet | None = None, family: str = "") -> dict[str, Any]:
-    """Sizes, speeds and fidelity of each chain on one family's arrays (`records`)."""
+                   live: LiveSet | None = None, family: str = "",
+                   inputs: list[list[dict]] | None = None) -> dict[str, Any]:
+    """Sizes, speeds and fidelity of each chain on one family's arrays (`records`); `inputs`: per
+    record, per array, the transform's side inputs (`stores.base.codec_inputs`)."""
+    inputs = inputs or [[{} for _ in rec] for rec in records]
     raw_bytes = sum(a.size * 4 for rec in records for _, a in rec)
     out: dict[str, Any] = {"records": len(records), "raw_kb_per_image": raw_bytes / len(records) / 1e3,
                            "chains": {}}
     blobs: dict[str, list[list[bytes]]] = {}
     for chain in chains:
-        encoded = [[encode(a, chain) for _, a in rec] for rec in records]
+        encoded = [[encode(a, chain, **kw) for (_, a), kw in zip(rec, kws)] for rec, kws in zip(records, inputs)]
         blobs[chain] = encoded
         cos, max_err = [], 0.0
         decoded_records = []
@@ -188,12 +215,12 @@ def measure_family(records: list[list[tuple[str, np.ndarray]]], chains: list[str
     # speed: every round times every chain, in rotating order
     enc: dict[str, list[float]] = {c: [] for c in chains}
     dec: dict[str, list[float]] = {c: [] for c in chains}
-    arrays = [a for rec in records for _, a in rec]
+    arrays = [(a, kw) for rec, kws in zip(records, inputs) for (_, a), kw in zip(rec, kws)]
     for r in range(rounds):
         shift = r % len(chains)
         for chain in chains[shift:] + chains[:shift]:
             flat_blobs = [b for rec in blobs[chain] for b in rec]
-            enc[chain].append(_timed(lambda chain=chain: [encode(a, chain) for a in arrays])[0])
+            enc[chain].append(_timed(lambda chain=chain: [encode(a, chain, **kw) for a, kw in arrays])[0])
             dec[chain].append(_timed(lambda fb=flat_blobs: [decode(b) for b in fb])[0])
     for chain in chains:
         row = out["chains"][chain]
@@ -230,16 +257,27 @@ def measure_arch(fix: Fixture, settings: Settings, device: torch.device) -> dict
                                          for m in METHODS},
                            "families": {}}
     for family in FAMILIES:
-        chains = [c for c in CODEC_CHAINS_FOR_BENCH if applicable(family, c)]
-        out["families"][family] = measure_family(live.family_arrays(family), chains, settings.rounds, live, family)
+        arrays = live.family_arrays(family)
+        out["families"][family] = measure_family(arrays, chains_for(family), settings.rounds, live, family,
+                                                 side_inputs(live, arrays))
     # trained-like class maps: the cls shapes of the same records, synthetic contents standing in
     # for the teacher's (the student and the other targets stay the live ones)
     rng = np.random.default_rng(0)
     synth = [[(n, class_probs(rng, a.shape)) for n, a in rec] for rec in live.family_arrays("cls")]
-    chains = [c for c in CODEC_CHAINS_FOR_BENCH if applicable("cls", c)]
-    out["families"]["cls (trained-like)"] = measure_family(synth, chains, settings.rounds,
-                                                           live.replaced("cls", synth), "cls")
+    trained_like = live.replaced("cls", synth)
+    out["families"]["cls (trained-like)"] = measure_family(synth, chains_for("cls"), settings.rounds,
+                                                           trained_like, "cls", side_inputs(trained_like, synth))
+    # box masked by the trained-like class maps (the live box maps, the synthetic scores)
+    box = live.family_arrays("box")
+    out["families"]["box (trained-like scores)"] = measure_family(box, chains_for("box"), settings.rounds,
+                                                                  trained_like, "box", side_inputs(trained_like, box))
     return out
+
+
+def side_inputs(live: LiveSet, arrays: list[list[tuple[str, np.ndarray]]]) -> list[list[dict]]:
+    """Per record, per array: the side inputs stage 1 passes (class count; the level's class map)."""
+    records = [rec for item in live.batches for rec in item["numpy"]]
+    return [[codec_inputs(name, rec, live.num_classes) for name, _ in arrs] for rec, arrs in zip(records, arrays)]
 
 
 def summary_md(result: dict) -> str:

@@ -133,8 +133,8 @@ class CacheParams:
         default_factory=lambda: ["fpn", "cls", "box", "quality", "detections", "candidates", "tower_stats", "head"]
     )
     # codec chain per target family (stores.codecs), e.g. "int8c+zstd", "pca32+zstd", "topk9f0.002+zstd",
-    # "mask0.05+zstd"; defaults from bench/codec_sets + bench/rate_distortion (issue 9): 1.50 MB per
-    # 800x1344 record of the demo teacher, every KD method at grad cosine >= 0.998, loss error <= 0.8 %
+    # "mask0.05+zstd"; defaults from bench/codec_sets + bench/rate_distortion (issue 9): 1.52 MB per
+    # 800x1344 record of the demo teacher, every KD method at grad cosine >= 0.995, loss error <= 0.8 %
     codecs: dict[str, str] = field(
         default_factory=lambda: {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
                                  "quality": "int8c+zstd"}

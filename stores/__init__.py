@@ -7,6 +7,7 @@ numpy in, numpy out: nothing here imports torch, stages or pipeline.
     rec = encode_record(image_id, view, meta, arrays, codecs)   # encode once ...
     for w in writers: w.write_block(b, [rec, ...])               # ... write to both formats
     reader = open_reader(root, "zarr"); reader.get(image_id, view).arrays["fpn.0"]
+    reader.get(image_id, view, compact=True)   # lossless stage only: CompactArrays, for the device
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ from stores.codecs import (
     CODEC_CHAINS_FOR_BENCH,
     BlobDecodeError,
     CodecChain,
+    CompactArray,
     decode,
+    decode_compact,
     encode,
     pack,
     parse_chain,
     prepare,
+    unpack,
 )
 from stores.manifest import (
     SCHEMA_VERSION,
@@ -75,6 +79,7 @@ __all__ = [
     "CacheReader",
     "CacheWriter",
     "CodecChain",
+    "CompactArray",
     "DecodedRecord",
     "EncodedRecord",
     "Manifest",
@@ -89,6 +94,7 @@ __all__ = [
     "chain_for",
     "check_compatible",
     "decode",
+    "decode_compact",
     "decode_record",
     "decode_sample",
     "encode",
@@ -103,5 +109,6 @@ __all__ = [
     "sha256_file",
     "store_summary",
     "target_family",
+    "unpack",
     "verify_store",
 ]

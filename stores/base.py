@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from stores.codecs import BlobDecodeError, CodecChain, decode, encode
+from stores.codecs import BlobDecodeError, CodecChain, decode, encode, unpack
 from stores.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, check_compatible
 
 DEFAULT_CHAIN = "raw+zstd"
@@ -90,6 +90,18 @@ def chain_for(name: str, codecs: Mapping[str, CodecChain | str] | None) -> Codec
     return codecs.get(target_family(name), DEFAULT_CHAIN)
 
 
+def codec_inputs(name: str, arrays: Mapping[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """The side inputs of target `name`'s transform, picked from its record's `arrays` (numpy or
+    torch): a class map ("cls.{l}") is grouped per anchor by `num_classes` (topk chains); a box /
+    quality map ("box.{l}", "quality.{l}") is masked by the class map of its level (mask chains)."""
+    family, _, level = name.partition(".")
+    if family == "cls":
+        return {"classes": num_classes}
+    if family in ("box", "quality"):
+        return {"score": arrays.get(f"cls.{level}")}
+    return {}
+
+
 def meta_bytes(meta: Mapping) -> bytes:
     """Canonical JSON bytes of a record's meta (what both formats store, and hash)."""
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
@@ -101,12 +113,14 @@ def encode_record(
     meta: Mapping,
     arrays: Mapping[str, np.ndarray],
     codecs: Mapping[str, CodecChain | str] | None = None,
+    num_classes: int | None = None,
 ) -> EncodedRecord:
     """Encode the target arrays of one (image_id, view) record, once for both formats.
 
     `codecs` is keyed by target family ("fpn" applies to "fpn.0".."fpn.4") or by exact name;
     targets without an entry use "raw+zstd"; integer arrays are always stored exactly.
-    `meta` must be JSON-able; image_id and view are set in it.
+    `meta` must be JSON-able; image_id and view are set in it. `num_classes` groups topk class
+    maps per anchor (see `codec_inputs`); without it a cell's channels form one group.
     """
     meta = {**dict(meta), "image_id": int(image_id), "view": str(view)}
     try:
@@ -117,7 +131,10 @@ def encode_record(
     for name, arr in arrays.items():
         if not name or "/" in name or name.startswith("_"):
             raise ValueError(f"bad target name {name!r}: use e.g. 'fpn.0', 'det.boxes'")
-        blobs[name] = encode(np.asarray(arr), chain_for(name, codecs))
+        inputs = codec_inputs(name, arrays, num_classes)
+        if inputs.get("score") is not None:
+            inputs["score"] = np.asarray(inputs["score"])
+        blobs[name] = encode(np.asarray(arr), chain_for(name, codecs), **inputs)
     return EncodedRecord(int(image_id), str(view), meta, blobs)
 
 
@@ -125,6 +142,13 @@ def decode_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> D
     """Decode every blob (or only those selected by `targets`: names or families)."""
     names = select_names(rec.blobs, targets)
     return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: decode(rec.blobs[n]) for n in names})
+
+
+def unpack_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> DecodedRecord:
+    """Lossless stage only: arrays are `CompactArray`s (parts as stored), for decoding on the
+    training device (`stages.distill.device_decode`)."""
+    names = select_names(rec.blobs, targets)
+    return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: unpack(rec.blobs[n]) for n in names})
 
 
 # config-level target names (CacheParams.targets, KDLosses.needs()) -> record families
@@ -400,10 +424,13 @@ class CacheReader(ABC):
     def get_encoded(self, image_id: int, view: str, targets: Iterable[str] | None = None) -> EncodedRecord:
         """The stored blobs of one record (all, or those selected by target names / families)."""
 
-    def get(self, image_id: int, view: str, targets: Iterable[str] | None = None) -> DecodedRecord:
+    def get(self, image_id: int, view: str, targets: Iterable[str] | None = None,
+            compact: bool = False) -> DecodedRecord:
+        """One record, decoded to numpy maps (the reference decode), or with ``compact=True`` only
+        unpacked (lossless stage): arrays are `CompactArray`s for decoding on the training device."""
         rec = self.get_encoded(image_id, view, targets)
         try:
-            return decode_record(rec)
+            return unpack_record(rec) if compact else decode_record(rec)
         except BlobDecodeError as err:
             raise StoreReadError(
                 f"image {image_id} view {view}: a stored blob does not decode ({err}) in "

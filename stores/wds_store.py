@@ -46,6 +46,7 @@ from stores.base import (
     record_key,
     remove_path,
     select_names,
+    unpack_record,
 )
 from stores.codecs import BlobDecodeError
 from stores.manifest import CacheMismatchError, atomic_write_bytes
@@ -90,15 +91,83 @@ def sample_to_record(sample: dict) -> EncodedRecord:
     return EncodedRecord(image_id, view, dict(meta), blobs)
 
 
-def decode_sample(sample: dict, targets: Iterable[str] | None = None) -> DecodedRecord:
+_SIDECARS: dict[str, tuple[tuple, dict, dict]] = {}  # shard path -> ((size, mtime), sidecar, key -> digests)
+
+
+def _stream_digests(url: str) -> tuple[dict, dict]:
+    """(sidecar, record key -> digest entry) of the shard at `url`, checked once per process:
+    the sidecar exists and the tar has the size it records (a truncated shard is named here)."""
+    path = Path(url)
+    try:
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (-1, 0)
+    hit = _SIDECARS.get(url)
+    if hit is not None and hit[0] == stamp:  # a shard rewritten by a repair run is checked afresh
+        return hit[1], hit[2]
+    block = _block_of(path)
+    fix = f"delete it and rerun {REBUILD} to rewrite this block"
+    side_path = sidecar_path(path.parent, block) if block is not None else None
+    try:
+        side = json.loads(side_path.read_text()) if side_path is not None else None
+    except (OSError, ValueError):
+        side = None
+    if not side or "records" not in side:
+        raise StoreReadError(f"shard {path} has no readable checksum sidecar ({side_path}); {fix}")
+    size = stamp[0]
+    if size != side.get("tar_bytes"):
+        raise StoreReadError(f"shard {path} is truncated or damaged ({size} bytes, {side.get('tar_bytes')} "
+                             f"written); {fix}")
+    index = {record_key(r["image_id"], r["view"]): r for r in side["records"]}
+    if len(_SIDECARS) > 64:  # a worker streams a few shards at a time
+        _SIDECARS.clear()
+    _SIDECARS[url] = (stamp, side, index)
+    return side, index
+
+
+def verify_sample(sample: dict, targets: Iterable[str] | None = None) -> None:
+    """Check a streamed sample against its shard's sidecar, as the Zarr reader and verify do: its
+    meta and every selected blob have the sha256 recorded at write time and no member is missing.
+    Raises StoreReadError naming the shard and the member. Samples without ``__url__`` (built by
+    hand, not streamed from a shard) have nothing to be checked against and pass."""
+    url = sample.get("__url__")
+    if url is None:
+        return
+    _, index = _stream_digests(str(url))
+    key = str(sample.get("__key__", "")).rsplit("/", 1)[-1]
+    fix = f"delete that shard and rerun {REBUILD} to rewrite its block"
+    digest = index.get(key)
+    if digest is None:
+        raise StoreReadError(f"shard {url}: sample {key} is not listed in its sidecar (damaged); {fix}")
+    meta = sample.get(META_MEMBER)
+    if not isinstance(meta, bytes | bytearray) or hashlib.sha256(meta).hexdigest() != digest["meta_sha256"]:
+        raise StoreReadError(f"shard {url}: member {key}.{META_MEMBER} is missing or fails its checksum; {fix}")
+    for name in select_names(digest["sha256"], targets):
+        blob = sample.get(name + BLOB_SUFFIX)
+        if not isinstance(blob, bytes | bytearray):
+            raise StoreReadError(f"shard {url}: member {key}.{name}{BLOB_SUFFIX} is missing; {fix}")
+        if hashlib.sha256(blob).hexdigest() != digest["sha256"][name]:
+            raise StoreReadError(f"shard {url}: member {key}.{name}{BLOB_SUFFIX} fails its sha256 checksum "
+                                 f"(the shard is damaged); {fix}")
+
+
+def decode_sample(sample: dict, targets: Iterable[str] | None = None, compact: bool = False,
+                  verify: bool = True) -> DecodedRecord:
     """A webdataset sample of a cache shard -> DecodedRecord (rec["meta"], rec["arrays"]).
 
-    For ``webdataset.WebDataset(reader.shard_paths())`` pipelines; raises StoreReadError naming
-    the sample (and its shard, when webdataset recorded it) if it is incomplete or corrupt.
+    For ``webdataset.WebDataset(reader.shard_paths())`` pipelines (raw bytes: no ``.decode()``).
+    With `verify` (default) the sample is checked against its shard's sidecar checksums first
+    (`verify_sample`). ``compact=True`` only undoes the lossless stage: arrays are `CompactArray`s
+    for decoding on the training device. Raises StoreReadError naming the sample and its shard if
+    it is incomplete or corrupt.
     """
     where = sample.get("__url__", "a cache shard")
+    if verify:
+        verify_sample(sample, targets)
     try:
-        return decode_record(sample_to_record(sample), targets)
+        rec = sample_to_record(sample)
+        return unpack_record(rec, targets) if compact else decode_record(rec, targets)
     except (KeyError, ValueError) as err:  # BlobDecodeError is a ValueError
         raise StoreReadError(
             f"sample {sample.get('__key__')} of {where} is incomplete or corrupt ({err}); delete that shard "

@@ -214,3 +214,136 @@ def test_lossy_chains_shrink_features():
     assert len(encode(FEAT, "fp16+zstd")) < 0.55 * raw
     assert len(encode(FEAT, "int8c+zstd")) < 0.3 * raw
     assert len(encode(PROB, "sparse0.05+zstd")) < len(encode(PROB, "fp16+zstd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9: topk (class maps), mask (box maps), pca (features), zfp; unpack = lossless stage only
+
+CLASSES = 5
+LOGITS = (RNG.standard_normal((3 * CLASSES, 7, 9)) * 2.5 - 4).astype(np.float32)
+CLS = (1 / (1 + np.exp(-LOGITS.astype(np.float64)))).astype(np.float32)  # 3 anchors x 5 classes
+
+
+@pytest.mark.parametrize("spec,value", [("topk2f0.01+zstd", ("topk", (2, 0.01))), ("mask0.05+none", ("mask", 0.05)),
+                                        ("pca32+blosc", ("pca", 32)), ("zfp0.01+none", ("zfp", 0.01))])
+def test_parse_new_chains(spec, value):
+    chain = parse_chain(spec)
+    assert (chain.transform, chain.param) == value and chain.spec == spec and parse_chain(chain.spec) == chain
+
+
+@pytest.mark.parametrize("bad", ["topk0f0.01+zstd", "topk2f1.5+zstd", "topk2+zstd", "mask2+zstd", "pca0+zstd",
+                                 "zfp0+none", "zfp+none"])
+def test_parse_new_chain_errors(bad):
+    with pytest.raises(ValueError, match="bad codec chain"):
+        parse_chain(bad)
+
+
+@pytest.mark.parametrize("k,floor", [(1, 0.01), (2, 0.02), (5, 0.05), (9, 0.001)])
+def test_topk_keeps_per_anchor_top_k_above_floor(k, floor):
+    y = decode(encode(CLS, f"topk{k}f{floor:g}+zstd", classes=CLASSES))
+    # oracle: per anchor and cell, sort the classes in python
+    kept = np.zeros(CLS.shape, bool)
+    for a in range(3):
+        for i in range(CLS.shape[1]):
+            for j in range(CLS.shape[2]):
+                vals = sorted(CLS[a * CLASSES:(a + 1) * CLASSES, i, j], reverse=True)
+                kth = vals[min(k, CLASSES) - 1]
+                for c in range(CLASSES):
+                    v = CLS[a * CLASSES + c, i, j]
+                    kept[a * CLASSES + c, i, j] = v >= floor and v >= kth
+    # background oracle (float64): per-channel mean of the dropped x per-cell mean of their ratios
+    pr = CLS.astype(np.float64).reshape(CLS.shape[0], -1)
+    d = ~kept.reshape(CLS.shape[0], -1)
+    alpha = np.array([pr[c, d[c]].mean() if d[c].any() else 0.0 for c in range(pr.shape[0])])
+    beta = np.array([(pr[d[:, n], n] / alpha[d[:, n]]).mean() if d[:, n].any() else 0.0 for n in range(pr.shape[1])])
+    bg = (alpha[:, None] * beta[None, :]).reshape(CLS.shape)
+    np.testing.assert_allclose(y[~kept], bg[~kept], rtol=2e-3)  # bgs is float16
+    # kept values: logit error within half a bin of the 255-step grid logit(floor)..9
+    step = (9.0 - np.log(floor / (1 - floor))) / 255
+    lx = np.log(CLS[kept] / (1 - CLS[kept]))
+    ly = np.log(y[kept].astype(np.float64) / (1 - y[kept].astype(np.float64)))
+    inside = lx < 9.0
+    assert np.all(np.abs(lx - ly)[inside] <= step / 2 + 1e-4)
+
+
+def test_topk_background_model_follows_a_separable_field():
+    field = (RNG.standard_normal(15)[:, None] * 1.5 - 11 + RNG.standard_normal(63)[None, :]).reshape(15, 7, 9)
+    p = (1 / (1 + np.exp(-field))).astype(np.float32)
+    p[3, 2, 4] = 0.9  # one confident class, kept by top-k
+    y = decode(encode(p, "topk1f0.05+zstd", classes=CLASSES))
+    assert abs(y[3, 2, 4] - 0.9) < 0.9 * 0.1 * 0.03
+    rest = np.ones(p.shape, bool)
+    rest[3, 2, 4] = False
+    # one alternating pass with the kept element left out of the means: within a few percent, where a
+    # constant background would be off by 100x (the field spans more than two decades)
+    assert np.abs(y[rest] / p[rest] - 1).max() < 0.03 and p[rest].max() / p[rest].min() > 100
+
+
+def test_topk_without_classes_groups_a_cell_and_rejects_bad_grouping():
+    parts = prepare(CLS, "topk1f0.001+none")  # no classes: all 15 channels of a cell are one group
+    assert parts["idx"].size == CLS.shape[1] * CLS.shape[2]
+    with pytest.raises(ValueError, match="not a whole number of anchors"):
+        prepare(CLS, "topk1f0.01+none", classes=4)
+
+
+def test_mask_keeps_confident_cells_only():
+    box = (RNG.standard_normal((3 * 4, 7, 9)) * 0.5).astype(np.float32)
+    y = decode(encode(box, "mask0.3+zstd", score=CLS))
+    confident = CLS.max(axis=0) >= 0.3
+    assert 0 < confident.sum() < confident.size
+    assert not y[:, ~confident].any()
+    err = np.abs(y[:, confident] - box[:, confident]).max(axis=1)
+    assert np.all(err <= np.abs(box[:, confident]).max(axis=1) / 254 + 1e-7)
+    with pytest.raises(ValueError, match="class map"):
+        encode(box, "mask0.3+zstd")
+
+
+def test_pca_is_exact_up_to_int8_on_a_low_rank_map():
+    basis = RNG.standard_normal((24, 3))
+    low = (basis @ RNG.standard_normal((3, 11 * 13)) + RNG.standard_normal((24, 1))).reshape(24, 11, 13)
+    x = low.astype(np.float32)
+    blob = encode(x, "pca4+zstd")
+    y = decode(blob)
+    assert blob_info(blob)["parts"]["basis"]["shape"] == (24, 4)
+    # oracle: numpy's SVD says the centred map has rank 3, so 4 components hold it; error = int8 + fp16 basis
+    centred = x.reshape(24, -1) - x.reshape(24, -1).mean(1, keepdims=True)
+    assert np.linalg.svd(centred, compute_uv=False)[3] < 1e-3
+    assert np.abs(y - x).max() <= 0.02 * np.abs(x).max()
+    assert len(blob) < x.nbytes / 3
+
+
+def test_pca_keeps_at_most_c_components_and_beats_truncation_error():
+    x = FEAT  # 8 channels, independent: 8 components are everything, 2 are not
+    assert prepare(x, "pca32+none")["basis"].shape == (8, 8)
+    err_all = np.abs(decode(encode(x, "pca32+zstd")) - x).max()
+    err_two = np.abs(decode(encode(x, "pca2+zstd")) - x).max()
+    assert err_all < 0.05 * np.abs(x).max() < err_two
+
+
+def test_zfp_error_bound():
+    pytest.importorskip("zfpy")
+    for t in (0.1, 0.01):
+        y = decode(encode(FEAT, f"zfp{t}+none"))
+        assert np.abs(y - FEAT).max() <= t * np.abs(FEAT).max()
+    assert not decode(encode(np.zeros((3, 4), np.float32), "zfp0.1+none")).any()
+
+
+@pytest.mark.parametrize("spec", ["int8c+zstd", "topk2f0.01+zstd", "mask0.1+zstd", "pca3+zstd", "sparse0.01+zstd",
+                                  "fp16+blosc", "raw+none", "u8p+zstd"])
+def test_unpack_then_reference_decode_equals_decode(spec):
+    from stores.codecs import decode_compact, unpack
+
+    x = CLS if spec.startswith(("topk", "sparse", "u8p")) else FEAT[:, :7, :9]
+    blob = encode(x, spec, classes=CLASSES, score=CLS)
+    c = unpack(blob)
+    assert c.shape == x.shape and c.nbytes <= 4 * x.size + 4096
+    np.testing.assert_array_equal(decode_compact(c), decode(blob))
+
+
+@pytest.mark.parametrize("spec", ["topk2f0.01+zstd", "mask0.1+zstd", "pca3+zstd"])
+def test_new_chains_corrupt_blob_raises(spec):
+    x = CLS if spec.startswith("topk") else FEAT[:, :7, :9]
+    blob = bytearray(encode(x, spec, classes=CLASSES, score=CLS))
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(BlobDecodeError):
+        decode(bytes(blob))

@@ -284,3 +284,93 @@ def test_two_processes_write_different_blocks(tmp_path, fmt):
         assert_record_equal(reader.get(*key), *key)
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert os.listdir(tmp_path / fmt)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 section 3: the WebDataset streaming path checks what the Zarr reader and verify check
+
+
+def _stream(root):
+    import webdataset as wds
+
+    return wds.WebDataset(WdsCacheReader(root).shard_paths(), shardshuffle=False, empty_check=False)
+
+
+def test_flipped_scale_byte_in_tar_member_is_refused_by_the_stream(tmp_path):
+    import numpy as np
+
+    from stores.codecs import prepare
+    from stores.wds_store import decode_sample
+    from tests.store_conformance import make_arrays
+
+    m = write(tmp_path, "wds")
+    image_id, view = m.block_records(0)[1]
+    key = f"{image_id:012d}_{view}"
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    _, arrays = make_arrays(image_id, view)
+    scale = prepare(arrays["fpn.1"], "int8c+zstd")["scale"].astype("<f4").tobytes()  # stored as is (tiny)
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"{key}.fpn.1.msgpack")
+    data = bytearray(shard.read_bytes())
+    at = data.find(scale, member.offset_data, member.offset_data + member.size)
+    assert at > 0, "the scale vector is stored verbatim in the member"
+    data[at + 2] ^= 0x40  # one byte of one quantisation scale: a 3x-off channel if it went unseen
+    shard.write_bytes(bytes(data))
+    samples = list(_stream(tmp_path))
+    sample = next(s for s in samples if s["__key__"] == key)
+    with pytest.raises(StoreReadError) as info:
+        decode_sample(sample)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"shard {shard}: member {key}.fpn.1.msgpack fails its sha256 checksum" in msg
+    assert "rerun python -m pipeline.cache_teacher" in msg
+    with pytest.raises(StoreReadError, match=f"shard {shard}: member {key}.fpn.1.msgpack fails"):
+        decode_sample(sample, targets=["fpn"], compact=True)  # the device-decode path too
+    decode_sample(sample, targets=["cls"])  # the damaged member is not read for other targets
+    with pytest.raises(StoreReadError, match="fails its crc32"):  # the blob's own part checksum, unverified
+        decode_sample(sample, verify=False)
+    # the same damage, seen by the other readers: random access and verify
+    with pytest.raises(StoreReadError, match=f"target fpn.1 of image {image_id} view {view} fails its checksum"):
+        WdsCacheReader(tmp_path).get(image_id, view)
+    assert any("fpn.1 checksum mismatch" in e for e in verify_store(tmp_path).errors)
+    assert np.isfinite(decode_sample(samples[0])["arrays"]["fpn.0"]).all()  # undamaged samples still read
+
+
+def test_stream_refuses_missing_member_truncated_shard_and_missing_sidecar(tmp_path):
+    from stores.wds_store import decode_sample
+
+    m = write(tmp_path, "wds")
+    samples = list(_stream(tmp_path))
+    broken = {k: v for k, v in samples[2].items() if k != "box.0.msgpack"}
+    with pytest.raises(StoreReadError, match=r"shard .*shard-000000.tar: member .*\.box\.0\.msgpack is missing"):
+        decode_sample(broken)
+    shard = tmp_path / "wds" / "shard-000001.tar"
+    one = next(s for s in samples if s["__url__"] == str(shard))
+    shard.write_bytes(shard.read_bytes()[:-1024])  # cut inside the end-of-archive marker
+    with pytest.raises(StoreReadError, match=f"shard {shard} is truncated or damaged"):
+        decode_sample(one)
+    side = tmp_path / "wds" / "shard-000002.json"
+    side.unlink()
+    last = next(s for s in samples if s["__url__"].endswith("shard-000002.tar"))
+    with pytest.raises(StoreReadError, match="shard .*shard-000002.tar has no readable checksum sidecar"):
+        decode_sample(last)
+    assert m.num_blocks() == 3
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_partial_cache_is_refused_the_same_way_by_both_sources(tmp_path, fmt):
+    from types import SimpleNamespace
+
+    from stages.data.views import View
+    from stages.distill.loader import cached_views
+
+    m = make_manifest()
+    write(tmp_path, fmt, blocks=[0, 2])  # block 1 (images 11, 12) was never written
+    views = [View(64, 96, False), View(64, 96, True)]
+    dataset = SimpleNamespace(image_ids=sorted({i for i, _ in m.plan}))  # the training set's ids
+    with pytest.raises(ValueError) as info:
+        cached_views(READERS[fmt](tmp_path), dataset, views)
+    assert str(info.value) == (f"cache {tmp_path} has no record for 2 training images (first: image id 11); "
+                               "finish it with python -m pipeline.cache_teacher")
+    write(tmp_path, fmt, blocks=[1])
+    assert cached_views(READERS[fmt](tmp_path), dataset, views) == [[0, 1]] * 5

@@ -16,7 +16,9 @@ h_l = ceil(h / stride_l), w_l = ceil(w / stride_l)):
                  anchors (CSR over the image's GTs, in annotation order) and the teacher's score
                  at the GT class; indices address the flattened anchors of the image's padded size
   tower.{branch}.{i} [3, C] float64: (count, sum, sum of squares) per channel of the head tower's
-                 pre-activation at layer i over valid cells, so stage 2 can form batch statistics
+                 pre-activation at layer i over valid cells of all levels (pooled; older caches)
+  tower.{branch}.{i}.{l} [3, C] float64: the same per FPN level l, so stage 2 forms CrossKD's
+                 per-level batch mean and unbiased std (official `align_scale` runs level by level)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stages.cache import device_codecs
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stores.codecs import CodecChain
 
@@ -40,7 +43,8 @@ def valid_cells(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
     return math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride)
 
 
-def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
+def device_prepare(x: Tensor, chain: CodecChain, classes: int | None = None,
+                   score: Tensor | None = None) -> dict[str, Tensor]:
     """Codec parts of `x` computed on x's device; the same parts as `stores.codecs.prepare`
     (names, dtypes, rounding: bit for bit, tests hold the two to each other) so
     `stores.codecs.pack` frames them after the host copy. Sparse indices are int32 (int64 past
@@ -48,10 +52,15 @@ def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
 
     int8c: [C, ...] -> q int8 [C, ...] (round half to even of x / scale) and scale float32 [C]
     (max |x| / 127 per channel, 1 for an all-zero channel); a 0-d array is one channel.
+    topk / mask / pca: `stages.cache.device_codecs` (`classes` and `score` as in
+    `stores.codecs.prepare`; `stores.base.codec_inputs` picks them). zfp is a host transform:
+    the float32 map itself is returned and `pack` codes it.
     """
     if chain.transform == "raw" or not x.is_floating_point():
         return {"data": x}
     x = x.float()
+    if chain.transform in ("topk", "mask", "pca", "zfp"):
+        return _compact_prepare(x, chain, classes, score)
     if chain.transform == "fp16":
         return {"data": x.half()}
     if chain.transform == "bitround":
@@ -81,6 +90,16 @@ def device_prepare(x: Tensor, chain: CodecChain) -> dict[str, Tensor]:
     raise ValueError(f"unknown transform {chain.transform}")
 
 
+def _compact_prepare(x: Tensor, chain: CodecChain, classes: int | None, score: Tensor | None) -> dict[str, Tensor]:
+    if chain.transform == "topk":
+        return device_codecs.topk_prepare(x, chain.param[0], chain.param[1], classes)
+    if chain.transform == "mask":
+        return device_codecs.mask_prepare(x, float(chain.param), score)
+    if chain.transform == "pca":
+        return device_codecs.pca_prepare(x, int(chain.param))
+    return {"data": x.contiguous()}  # zfp: coded by stores.codecs.pack on the host
+
+
 def parts_to_numpy(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """Host copies of device parts with the dtypes `pack` expects (sparse indices are uint32)."""
     out = {k: v.cpu().numpy() for k, v in parts.items()}
@@ -96,7 +115,8 @@ def _crop(m: Tensor, b: int, hw: tuple[int, int]) -> Tensor:
 
 
 def tower_moments(out: DetectorOutput, b: int) -> dict[str, Tensor]:
-    """(count, sum, sumsq) per channel of every pre-activation tower layer over image b's valid cells."""
+    """(count, sum, sumsq) per channel of every pre-activation tower layer over image b's valid cells,
+    per level and pooled over levels."""
     stats = {}
     for branch, tower in (("cls", out.cls_tower), ("reg", out.reg_tower)):
         for i, levels in enumerate(tower.pre):
@@ -104,9 +124,10 @@ def tower_moments(out: DetectorOutput, b: int) -> dict[str, Tensor]:
                 _crop(m, b, valid_cells(out.image_sizes[b], s)).flatten(1).double()
                 for m, s in zip(levels, out.strides)
             ]
-            x = torch.cat(cells, dim=1)
-            count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
-            stats[f"tower.{branch}.{i}"] = torch.stack([count, x.sum(1), (x * x).sum(1)])
+            for lv, x in enumerate(cells + [torch.cat(cells, dim=1)]):
+                count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
+                name = f"tower.{branch}.{i}" if lv == len(cells) else f"tower.{branch}.{i}.{lv}"
+                stats[name] = torch.stack([count, x.sum(1), (x * x).sum(1)])
     return stats
 
 

@@ -1,6 +1,9 @@
 """Stage 2 data: (image under view v, GT, cached teacher record for that image and view).
 
 Two sources over the same records:
+Both hand on compact records (`stores.codecs.CompactArray`: the lossless stage undone, nothing
+dequantised); `stages.distill.teacher_source.cached_records_to_device` decodes them on the
+training device.
 - `CachedViewDataset`: map-style over the Zarr store (random access), shuffled by the training
   loop's `EpochBatchSampler`, which replays exactly the views stage 1 cached and batches only
   images of one padded size (the size the teacher saw).
@@ -19,25 +22,47 @@ import webdataset as wds
 from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
+from stores.codecs import CompactArray
+
+
+def as_tensors(arrays: dict) -> dict:
+    """Compact parts as torch tensors sharing the numpy memory (no copy), so that a DataLoader with
+    ``pin_memory=True`` pins them (`CompactArray.pin_memory`) before the training step copies them."""
+    out = {}
+    for name, value in arrays.items():
+        if isinstance(value, CompactArray):
+            value = CompactArray(value.chain, value.shape, value.dtype,
+                                 {k: torch.from_numpy(v) for k, v in value.parts.items()})
+        out[name] = value
+    return out
+
+
+def cached_views(reader, dataset: CocoDataset, views: list[View]) -> list[list[int]]:
+    """Per training image, the indices of `views` the cache holds; refuses an incomplete cache.
+
+    Both sources call this before training (the Zarr dataset and the WebDataset stream), so a
+    partial cache is refused the same way whichever format reads it."""
+    cached = set(reader.keys())
+    allowed = [[i for i, v in enumerate(views) if (image_id, v.key) in cached] for image_id in dataset.image_ids]
+    missing = [dataset.image_ids[i] for i, a in enumerate(allowed) if not a]
+    if missing:
+        raise ValueError(
+            f"cache {reader.root} has no record for {len(missing)} training images (first: image id "
+            f"{missing[0]}); finish it with python -m pipeline.cache_teacher"
+        )
+    return allowed
 
 
 class CachedViewDataset(torch.utils.data.Dataset):
     """Index = image_index * V + view_index (ViewDataset 'all' layout) joined with the cache record."""
 
-    def __init__(self, dataset: CocoDataset, views: list[View], reader, targets: list[str] | None = None):
+    def __init__(self, dataset: CocoDataset, views: list[View], reader, targets: list[str] | None = None,
+                 compact: bool = True):
         self.coco, self.views, self.reader, self.targets = dataset, views, reader, targets
+        self.compact = compact
         self.images = ViewDataset(dataset, views, mode="all")
-        cached = set(reader.keys())
         self.view_index = {v.key: i for i, v in enumerate(views)}
-        self.allowed: list[list[int]] = []
-        for image_id in dataset.image_ids:
-            self.allowed.append([i for i, v in enumerate(views) if (image_id, v.key) in cached])
-        missing = [dataset.image_ids[i] for i, a in enumerate(self.allowed) if not a]
-        if missing:
-            raise ValueError(
-                f"cache {reader.root} has no record for {len(missing)} training images (first: image id "
-                f"{missing[0]}); finish it with python -m pipeline.cache_teacher"
-            )
+        self.allowed = cached_views(reader, dataset, views)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,8 +76,9 @@ class CachedViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.images[index]
-        record = self.reader.get(item["image_id"], item["view"], targets=self.targets)  # only what the losses read
-        item["teacher"] = record["arrays"]
+        # only what the losses read; compact: lossless stage only, dequantised on the training device
+        record = self.reader.get(item["image_id"], item["view"], targets=self.targets, compact=self.compact)
+        item["teacher"] = as_tensors(record["arrays"])
         item["teacher_meta"] = record["meta"]
         return item
 
@@ -79,13 +105,23 @@ def wds_batches(
     seed: int,
     start_step: int = 0,
     shuffle_buffer: int = 64,
+    pin: bool = False,
 ) -> Iterator[dict]:
     """Endless batches streamed from WebDataset shards (split by DDP rank and DataLoader worker).
 
-    decode_sample(sample) -> {'meta': ..., 'arrays': ...} (stores.wds_store's decoder).
-    Batches hold one padded size each; `start_step` batches are skipped on resume.
+    decode_sample(sample) -> {'meta': ..., 'arrays': ...} (stores.wds_store's decoder, which checks
+    each sample against its shard's checksums; run `cached_views` first to refuse a partial cache).
+    Batches hold one padded size each; `start_step` batches are skipped on resume; `pin` pins the
+    batch's compact parts (page-locked memory, for asynchronous copies to a CUDA device).
     """
     by_key = {v.key: v for v in views}
+    streams = _streams()
+    if len(shard_paths) < streams:  # a rank or worker without a shard would wait forever
+        raise ValueError(
+            f"the WebDataset cache has {len(shard_paths)} shards but {streams} readers (processes x loader "
+            "workers) each need one: lower train.workers or the process count, use distill.source: zarr, "
+            "or rebuild the cache with a smaller cache.block_size"
+        )
     epoch, emitted = 0, 0
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
@@ -100,14 +136,14 @@ def wds_batches(
             if len(buffer) < shuffle_buffer:
                 continue
             sample = buffer.pop(rng.randrange(len(buffer)))
-            batch = _add(pending, sample, decode_sample, dataset, by_key, batch_size)
+            batch = _add(pending, sample, decode_sample, dataset, by_key, batch_size, pin)
             if batch is not None:
                 emitted += 1
                 if emitted > start_step:
                     yield batch
         rng.shuffle(buffer)
         for sample in buffer:
-            batch = _add(pending, sample, decode_sample, dataset, by_key, batch_size)
+            batch = _add(pending, sample, decode_sample, dataset, by_key, batch_size, pin)
             if batch is not None:
                 emitted += 1
                 if emitted > start_step:
@@ -115,9 +151,18 @@ def wds_batches(
         epoch += 1
 
 
-def _add(pending, sample, decode_sample, dataset, by_key, batch_size):
+def _streams() -> int:
+    """Readers the shards are split between: torchrun ranks (nodes for webdataset) x DataLoader workers."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    info = torch.utils.data.get_worker_info()
+    return world * (info.num_workers if info is not None else 1)
+
+
+def _add(pending, sample, decode_sample, dataset, by_key, batch_size, pin=False):
     record = decode_sample(sample)
     meta = record["meta"]
+    if meta.get("dropped"):  # placeholder of an image the json no longer lists (stores.manifest: dropped)
+        return None
     view = by_key[meta["view"]]
     group = pending.setdefault(tuple(meta["padded_size"]), [])
     group.append((meta, record["arrays"], view))
@@ -126,6 +171,10 @@ def _add(pending, sample, decode_sample, dataset, by_key, batch_size):
     items = []
     for meta, arrays, view in group:
         item = ViewDataset.from_pairs(dataset, [(meta["image_id"], view)])[0]
-        items.append(item | {"teacher": arrays, "teacher_meta": meta})
+        items.append(item | {"teacher": as_tensors(arrays), "teacher_meta": meta})
     group.clear()
-    return collate(items)
+    batch = collate(items)
+    if pin:
+        batch["teacher"] = [{n: v.pin_memory() if hasattr(v, "pin_memory") else v for n, v in rec.items()}
+                            for rec in batch["teacher"]]
+    return batch

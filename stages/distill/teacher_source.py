@@ -18,6 +18,7 @@ from stages.cache.targets import extract_records
 from stages.config import ModelParams, from_dict
 from stages.detectors.build import build_head
 from stages.detectors.contract import DetectorOutput
+from stages.distill.device_decode import record_to_device
 from stages.losses.targets import TeacherTargets
 
 
@@ -37,16 +38,26 @@ def _levels(records: list[dict[str, Tensor]], family: str, padded_hw, strides) -
 
 
 def tower_statistics(records: list[dict[str, Tensor]], index: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Per-channel mean/std of the teacher's pre-activation tower map at `index` over the batch."""
+    """Per-level, per-channel mean and unbiased std ([L, C]) of the teacher's pre-activation tower map at
+    `index` over the batch's valid cells (CrossKD's `align_scale`). A cache with only the pooled
+    moments gives [C] (population std), which the loss broadcasts to every level."""
     mean, std = {}, {}
     for branch in ("cls", "reg"):
         key = f"tower.{branch}.{index}"
-        if key not in records[0]:
+        levels = sorted(int(k.rsplit(".", 1)[1]) for k in records[0] if k.startswith(key + "."))
+        if levels:
+            moments = torch.stack([torch.stack([r[f"{key}.{lv}"].double() for r in records]).sum(0) for lv in levels])
+            count, total, sq = moments.unbind(1)  # each [L, C]
+            m = total / count
+            var = (sq - total * m) / (count - 1).clamp_min(1)
+        elif key in records[0]:
+            count, total, sq = torch.stack([r[key].double() for r in records]).sum(0)
+            m = total / count
+            var = sq / count - m * m
+        else:
             continue
-        count, total, sq = torch.stack([r[key].double() for r in records]).sum(0)
-        m = total / count
         mean[branch] = m.float()
-        std[branch] = (sq / count - m * m).clamp_min(1e-12).sqrt().float()
+        std[branch] = var.clamp_min(1e-12).sqrt().float()
     return mean, std
 
 
@@ -88,17 +99,10 @@ def records_to_targets(
 
 
 def cached_records_to_device(arrays: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
-    """Decoded numpy records -> tensors on `device` (pinned, async copies on CUDA)."""
-    out = []
-    for rec in arrays:
-        converted = {}
-        for name, a in rec.items():
-            t = torch.from_numpy(a)
-            if device.type == "cuda":
-                t = t.pin_memory().to(device, non_blocking=True)
-            converted[name] = t
-        out.append(converted)
-    return out
+    """Cached records -> tensors on `device`: compact parts (`stores.codecs.CompactArray`, what
+    the loader hands on) are pinned, copied and dequantised / scattered there
+    (`stages.distill.device_decode`); numpy maps (a reader's reference decode) are just copied."""
+    return [record_to_device(rec, device) for rec in arrays]
 
 
 @torch.no_grad()

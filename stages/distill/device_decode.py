@@ -1,0 +1,95 @@
+"""Dequantise / scatter cached targets on the training device.
+
+A loader worker only undoes the lossless stage (`stores.codecs.unpack`: zstd + framing) and hands
+on `CompactArray`s: int8 / uint8 codes, fp16 values, indices and scales, a few times smaller than
+the float32 maps. Here their parts are pinned, copied asynchronously and turned into float32 maps
+by the training device, so the CPU never inflates a record on the hot path.
+
+Every transform mirrors `stores.codecs.decode_compact` (the numpy reference) operation for
+operation; elementwise float32 products and quotients, gathers and scatters are IEEE-exact, so
+the two decodes agree bit for bit. The exception is pca (a float32 matmul, whose summation order
+is the BLAS's own): equal to the reference within float32 rounding of the product. zfp has
+no torch decoder: it is decoded by the numpy reference on the host and copied.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stores.codecs import CompactArray, decode_compact, parse_chain
+from stores.transforms import logit_tables
+
+_TABLES: dict[tuple[float, str], Tensor] = {}
+
+
+def to_device(a: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """One part (or map) on `device`: pinned and copied asynchronously on CUDA."""
+    if isinstance(a, Tensor):
+        t = a
+    elif not a.flags.writeable and device.type != "cuda":  # parts unpacked from bytes are read-only
+        t = torch.from_numpy(np.array(a))
+    else:
+        with warnings.catch_warnings():  # read-only parts: pin_memory below copies them anyway
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _centres(floor: float, device: torch.device) -> Tensor:
+    key = (float(floor), str(device))
+    if key not in _TABLES:
+        _TABLES[key] = torch.from_numpy(logit_tables(floor)[1]).to(device)
+    return _TABLES[key]
+
+
+def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
+    """A CompactArray -> the decoded map on `device` (float32 for lossy chains, else its dtype)."""
+    chain = parse_chain(c.chain)
+    t = chain.transform
+    if t == "zfp":
+        return to_device(decode_compact(c), device)
+    p = {k: to_device(v, device) for k, v in c.parts.items()}
+    shape = tuple(c.shape)
+    if t == "raw":
+        return p["data"].reshape(shape)
+    if t in ("fp16", "bitround"):
+        return p["data"].float().reshape(shape)
+    if t == "int8c":
+        channels = shape[0] if shape else 1
+        q = p["q"].reshape(channels, -1).float()
+        return (q * p["scale"].float()[:, None]).reshape(shape)
+    if t == "u8p":
+        return p["q"].float() / 255.0
+    n = int(np.prod(shape)) if shape else 1
+    if t == "sparse":
+        out = torch.zeros(n, dtype=torch.float32, device=device)
+        out[p["idx"].long()] = p["val"].float()
+        return out.reshape(shape)
+    if t == "topk":
+        out = (p["bgc"][:, None] * p["bgs"].float()[None, :]).reshape(-1)
+        out[p["idx"].long()] = _centres(chain.param[1], device)[p["q"].long()]
+        return out.reshape(shape)
+    if t == "mask":
+        out = torch.zeros((shape[0], n // shape[0] if shape[0] else 0), dtype=torch.float32, device=device)
+        out[:, p["idx"].long()] = p["q"].float() * p["scale"][:, None]
+        return out.reshape(shape)
+    if t == "pca":
+        q = p["q"].reshape(p["q"].shape[0], -1).float() * p["scale"][:, None]
+        return (p["basis"].float() @ q + p["mean"][:, None]).reshape(shape)
+    raise ValueError(f"no device decoder for chain {c.chain!r}")
+
+
+def record_to_device(rec: dict, device: torch.device) -> dict[str, Tensor]:
+    """{name: CompactArray or numpy array} -> {name: decoded tensor on device}."""
+    out = {}
+    for name, value in rec.items():
+        out[name] = decode_on_device(value, device) if isinstance(value, CompactArray) else to_device(value, device)
+    return out
