@@ -175,3 +175,19 @@ def file_mtimes(root: str | Path) -> dict[str, int]:
 
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, **ONE_THREAD_ENV, "PYTHONUNBUFFERED": "1"}
+
+def run_main(params, tmp_path, *extra) -> str:
+    """cache_teacher's CLI in-process; returns the SystemExit message ('' on success)."""
+    path = write_params(params, tmp_path / "params.yaml")
+    try:
+        with torch_threads(1):
+            _cache_teacher_main()(["--params", str(path), *extra])
+    except SystemExit as stop:
+        return str(stop.code)
+    return ""
+
+
+def _cache_teacher_main():
+    from pipeline import cache_teacher  # tests may import pipeline; stages-only fixtures stay importable
+
+    return cache_teacher.main

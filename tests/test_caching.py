@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache_teacher
 from stages.cache.plan import build_manifest, open_reader, plan_records
 from stages.config import ViewParams
 from stages.data.batching import padded_size
@@ -24,22 +23,12 @@ from tests.cache_fixtures import (
     build_cache,
     copy_cache,
     make_teacher,
-    torch_threads,
-    write_params,
+    run_main,
 )
 
 pytest_plugins = ["tests.cache_fixtures"]  # tiny_teacher, tiny_cache
 
 
-def run_main(params, tmp_path, *extra) -> str:
-    """cache_teacher's CLI in-process; returns the SystemExit message ('' on success)."""
-    path = write_params(params, tmp_path / "params.yaml")
-    try:
-        with torch_threads(1):
-            cache_teacher.main(["--params", str(path), *extra])
-    except SystemExit as stop:
-        return str(stop.code)
-    return ""
 
 
 def test_plan_every_view_or_a_seeded_subset():

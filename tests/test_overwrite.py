@@ -11,24 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cache_teacher
 from stores.manifest import MANIFEST_NAME, NotAStoreError, check_cache_folder, remove_store
-from tests.cache_fixtures import copy_cache, subprocess_env, torch_threads, write_params
+from tests.cache_fixtures import copy_cache, run_main, subprocess_env, write_params
 
 pytest_plugins = ["tests.cache_fixtures"]  # tiny_teacher, tiny_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_main(params, tmp_path, *extra) -> str:
-    """cache_teacher's CLI in-process; returns the SystemExit message ('' on success)."""
-    path = write_params(params, tmp_path / "params.yaml")
-    try:
-        with torch_threads(1):
-            cache_teacher.main(["--params", str(path), *extra])
-    except SystemExit as stop:
-        return str(stop.code)
-    return ""
 
 
 def user_folder(path: Path) -> dict[str, bytes]:

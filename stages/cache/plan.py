@@ -33,6 +33,7 @@ from stages.detectors.checkpoint import (
     teacher_report,
 )
 from stages.run_record import require_images
+from stores import READERS, WRITERS
 from stores.codecs import parse_chain
 from stores.manifest import (
     MANIFEST_NAME,
@@ -44,11 +45,6 @@ from stores.manifest import (
     sha256_file,
 )
 from stores.verify import invalidate_blocks
-from stores.wds_store import WdsCacheReader, WdsCacheWriter
-from stores.zarr_store import ZarrCacheReader, ZarrCacheWriter
-
-WRITERS = {"zarr": ZarrCacheWriter, "wds": WdsCacheWriter}
-READERS = {"zarr": ZarrCacheReader, "wds": WdsCacheReader}
 
 
 def formats_of(fmt: str) -> tuple[str, ...]:
