@@ -112,3 +112,101 @@ def test_generation_speed(tmp_path):
     t0 = time.process_time()
     generate(tmp_path, seed=0, num_train=240, num_val=60, progress=False)
     assert time.process_time() - t0 < 20.0
+
+
+# ---------------------------------------------------------------------------------------- more classes
+# sha256 of instances_train.json written by the generator before `textures`/`colours` existed
+# (commit 1162906) for seed 0, 4 train / 1 val images, sides 112-192, min_object 16 (the demo's
+# settings): the default six-class set must stay byte-identical so the demo's data does not change.
+_PRE_ISSUE9_TRAIN_JSON = "2230eed8a58447c4990d63d71c145a382918294bb9406956556d53de2dd3234d"
+
+
+def test_default_set_unchanged_by_class_knobs(tmp_path):
+    import hashlib
+
+    from stages.data.synthetic import class_specs
+
+    out = generate(tmp_path / "d", seed=0, num_train=4, num_val=1, min_side=112, max_side=192, min_object=16,
+                   progress=False)
+    assert hashlib.sha256((tmp_path / "d/annotations/instances_train.json").read_bytes()).hexdigest() == (
+        _PRE_ISSUE9_TRAIN_JSON)
+    explicit = generate(tmp_path / "e", seed=0, num_train=4, num_val=1, min_side=112, max_side=192,
+                        min_object=16, textures=1, colours=1, progress=False)
+    assert _files(tmp_path / "d") == _files(tmp_path / "e")
+    assert out["per_class"] == explicit["per_class"]
+    specs = class_specs()
+    assert [s.name for s in specs] == CLASSES and [s.category_id for s in specs] == CATEGORY_IDS
+
+
+def test_shape_texture_colour_classes(tmp_path):
+    from stages.data.synthetic import class_specs
+
+    specs = class_specs(textures=2, colours=2)
+    assert len(specs) == 24
+    assert len({s.name for s in specs}) == 24 and len({s.category_id for s in specs}) == 24
+    assert len({(s.shape, s.texture, s.colour) for s in specs}) == 24
+    ids = [s.category_id for s in specs]
+    assert ids == sorted(ids) and ids != list(range(1, 25))  # ascending, non-contiguous
+    for shape in range(6):  # each shape comes with two different textures, in both colours
+        own = [s for s in specs if s.shape == shape]
+        assert len({s.texture for s in own}) == 2 and {s.colour for s in own} == {0, 1}
+    assert [(s.shape, s.texture) for s in specs[:6]] == [(k, k) for k in range(6)]  # the default six first
+    assert len(class_specs(textures=1, colours=4)) == 24 and len(class_specs(textures=6, colours=6)) == 216
+
+    out = generate(tmp_path, seed=5, num_train=12, num_val=2, min_side=160, max_side=200, min_object=12,
+                   textures=2, colours=2, progress=False)
+    ds = CocoDataset(out["train_images"], out["train_ann"])
+    assert [c["id"] for c in ds.categories] == ids and [c["name"] for c in ds.categories] == [s.name for s in specs]
+    raw = json.loads(ds.ann_file.read_text())
+    used = {a["category_id"] for a in raw["annotations"]}
+    assert used <= set(ids) and len(used) >= 12, sorted(used)  # many classes drawn from 12 images
+    assert sum(out["per_class"]["train"].values()) == out["num_annotations"]["train"]
+
+
+def test_colour_families_are_a_reliable_cue():
+    """With colours >= 2, a class's main colour stays in its hue family (colorsys as the oracle)."""
+    import colorsys
+
+    from stages.data.synthetic import _family_colours
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3):
+        for colour in range(n):
+            for _ in range(200):
+                a, b = _family_colours(colour, n, rng)
+                for rgb in (a, b):
+                    h, s, _v = colorsys.rgb_to_hsv(*(rgb / 255.0))
+                    dist = abs((h - colour / n + 0.5) % 1.0 - 0.5)  # circular hue distance to the centre
+                    assert dist < 0.5 / n, (n, colour, h)  # never across the half-way hue to a neighbour
+                    assert s > 0.3
+
+
+def test_class_knob_errors(tmp_path):
+    with pytest.raises(ValueError, match="textures"):
+        generate(tmp_path, num_train=1, textures=7, progress=False)
+    with pytest.raises(ValueError, match="colours"):
+        generate(tmp_path, num_train=1, colours=0, progress=False)
+
+
+def test_make_dataset_cli_class_knobs(tmp_path):
+    from pipeline.make_dataset import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  synthetic:\n    out: {tmp_path / 'ds'}\n    num_train: 2\n    num_val: 1\n"
+                      "    min_side: 96\n    max_side: 100\n    textures: 2\n    colours: 2\n")
+    main(["--params", str(params)])
+    ds = CocoDataset(tmp_path / "ds/train", tmp_path / "ds/annotations/instances_train.json")
+    assert ds.num_classes == 24
+
+
+def test_synth20_profile_has_20_plus_classes():
+    from pathlib import Path
+
+    from pipeline.params import load_params
+    from stages.data.synthetic import class_specs
+
+    p = load_params(Path(__file__).resolve().parents[1] / "profiles/synth20.yaml")
+    s = p.data.synthetic
+    assert len(class_specs(s.textures, s.colours)) >= 20
+    assert s.min_side > 112 and s.max_side > 192  # larger images than the demo's
+    assert p.teacher.train.steps > 400  # trained longer than the demo teacher

@@ -13,6 +13,13 @@ has a hue family with wide jitter, and 20% of objects get a random hue):
 
 (category ids are COCO-like: start at 1 and are non-contiguous, to exercise the label mapping).
 
+More classes (`textures`, `colours`; the defaults 1, 1 give exactly the six above, byte for byte):
+a class is then a shape x texture x colour family. Each shape gets `textures` of the six textures
+(its own first, then spread evenly: textures=2 gives the disc bands or speckle), and with
+`colours` >= 2 each class also has a hue family (hues 1/colours apart, small jitter, no random hue,
+the second texture colour a darker shade of the same hue) so colour becomes a reliable cue. Example:
+textures=2, colours=2 gives 24 classes named like "disc-speckle-cyan"; see `class_specs`.
+
 Each image (sides drawn independently from [min_side, max_side], so aspect ratios vary) has a
 gradient + low-frequency-noise + faint-texture background, un-annotated clutter (fragments of class
 shapes cut by a straight edge, irregular blobs, texture patches, thin lines, some drawn over the
@@ -33,19 +40,69 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["CATEGORY_IDS", "CLASSES", "generate", "render_image"]
+__all__ = ["CATEGORY_IDS", "CLASSES", "ClassSpec", "class_specs", "generate", "render_image"]
 
-CLASSES: list[str] = ["disc", "square", "triangle", "ring", "cross", "star"]
+CLASSES: list[str] = ["disc", "square", "triangle", "ring", "cross", "star"]  # the default set = the shapes
 CATEGORY_IDS: list[int] = [1, 2, 3, 5, 7, 8]
+TEXTURES: list[str] = ["bands", "checker", "stripes", "speckle", "dots", "gradient"]  # index = _texture's cls
+_HUE_NAMES = ["red", "yellow", "green", "cyan", "blue", "magenta"]  # hue k/6
+MAX_TEXTURES = len(TEXTURES)
+MAX_COLOURS = len(_HUE_NAMES)  # more hue families than this are too close to tell apart under jitter
 _SPLITS = {"train": 0, "val": 1}
 _PNG_COMPRESS_LEVEL = 6
 MIN_OBJECT = 8.0  # smallest object extent in pixels
 MAX_OBJECT_FRAC = 0.6  # largest object extent as a fraction of the shorter image side
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class: its name, COCO category id, shape index, texture index and colour family.
+
+    colour -1 is the default set's weak cue (hue family by shape, wide jitter, 20% random hue)."""
+
+    name: str
+    category_id: int
+    shape: int
+    texture: int
+    colour: int = -1
+
+
+def class_specs(textures: int = 1, colours: int = 1) -> list[ClassSpec]:
+    """The classes for `textures` textures per shape x `colours` hue families (6 x textures x colours).
+
+    Order: colour, then texture, then shape, so the first six are always the default set's shapes
+    with their own textures; ids continue non-contiguously after the default set's (a gap every 5)."""
+    if not (isinstance(textures, int) and 1 <= textures <= MAX_TEXTURES):
+        raise ValueError(f"need 1 <= textures <= {MAX_TEXTURES}, got textures={textures}")
+    if not (isinstance(colours, int) and 1 <= colours <= MAX_COLOURS):
+        raise ValueError(f"need 1 <= colours <= {MAX_COLOURS}, got colours={colours}")
+    if textures == 1 and colours == 1:
+        return [ClassSpec(CLASSES[s], CATEGORY_IDS[s], s, s) for s in range(len(CLASSES))]
+    step = max(1, MAX_TEXTURES // textures)  # spread a shape's textures over the six
+    specs = []
+    for c in range(colours):
+        for t in range(textures):
+            for s in range(len(CLASSES)):
+                k = len(specs)
+                cid = CATEGORY_IDS[k] if k < len(CATEGORY_IDS) else CATEGORY_IDS[-1] + 1 + (k - 6) + (k - 6) // 5
+                tex = (s + t * step) % MAX_TEXTURES
+                colour = c if colours > 1 else -1
+                name = f"{CLASSES[s]}-{TEXTURES[tex]}"
+                if colour >= 0:
+                    name += "-" + _HUE_NAMES[round(6 * c / colours) % 6]
+                specs.append(ClassSpec(name, cid, s, tex, colour))
+    return specs
+
+
+def _shape_spec(shape: int) -> ClassSpec:
+    """A default-set class for distractors: shape with its own texture and the weak colour cue."""
+    return ClassSpec(CLASSES[shape], CATEGORY_IDS[shape], shape, shape)
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -148,6 +205,15 @@ def _object_colours(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return a, b
 
 
+def _family_colours(colour: int, n_colours: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Colours of a class with a hue family: saturated, jitter well inside the family's 1/n band, and a
+    darker shade of the same hue for the texture (a contrasting hue would cross into another family)."""
+    hue = colour / n_colours + rng.normal(0, 0.12 / n_colours)
+    a = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
+    b = _hsv(hue + rng.normal(0, 0.02), rng.uniform(0.4, 1.0), rng.uniform(0.15, 0.45))
+    return a, b
+
+
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     c0 = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.15, 0.95))
     c1 = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.15, 0.95))
@@ -234,9 +300,12 @@ def _paint(img: np.ndarray, win, alpha: np.ndarray, colour: np.ndarray) -> None:
     region += colour * a
 
 
-def _object_colour_field(o: _Obj, pu, pv, rng) -> np.ndarray:
-    a, b = _object_colours(o.cls, rng)
-    t = _texture(o.cls, pu, pv, o.radius * max(o.ax, o.ay), rng)
+def _object_colour_field(spec: ClassSpec, o: _Obj, pu, pv, rng, n_colours: int = 1) -> np.ndarray:
+    if spec.colour < 0:
+        a, b = _object_colours(spec.shape, rng)
+    else:
+        a, b = _family_colours(spec.colour, n_colours, rng)
+    t = _texture(spec.texture, pu, pv, o.radius * max(o.ax, o.ay), rng)
     col = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
     # soft shading across the object and per-object colour noise
     ang = rng.uniform(0, 2 * math.pi)
@@ -307,7 +376,7 @@ def _draw_distractors(
         ang = rng.uniform(0, 2 * math.pi)
         cut = u * math.cos(ang) + v * math.sin(ang) - rng.uniform(-0.55, -0.1)
         alpha = _alpha_from_sd(np.maximum(_shape_sd(cls, u, v), cut), o)
-        _paint(img, win, alpha, _object_colour_field(o, pu, pv, rng))
+        _paint(img, win, alpha, _object_colour_field(_shape_spec(cls), o, pu, pv, rng))
     _draw_lines(img, rng, n_line)
 
 
@@ -333,12 +402,18 @@ def _draw_lines(img: np.ndarray, rng: np.random.Generator, n: int) -> None:
 
 
 def render_image(
-    h: int, w: int, rng: np.random.Generator, min_object: float = MIN_OBJECT
+    h: int,
+    w: int,
+    rng: np.random.Generator,
+    min_object: float = MIN_OBJECT,
+    classes: list[ClassSpec] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """One image [h, w, 3] uint8 and its objects [{'category_id', 'bbox' [x,y,w,h], 'area'}].
 
     `min_object`: smallest annotated object extent in px (the difficulty knob: 8 is hard, 16 is
-    what a short CPU demo can learn)."""
+    what a short CPU demo can learn). `classes`: from `class_specs` (default: the six shapes)."""
+    classes = classes or class_specs()
+    n_colours = 1 + max(spec.colour for spec in classes)
     img = _background(h, w, rng)
     _draw_distractors(
         img,
@@ -354,14 +429,14 @@ def render_image(
     objects: list[dict] = []
     n_target = int(rng.integers(2, 13))
     for _ in range(n_target):
-        cls = int(rng.integers(len(CLASSES)))
+        spec = classes[int(rng.integers(len(classes)))]
         for _attempt in range(12):
-            o = _random_obj(cls, h, w, rng, min_object=min_object)
+            o = _random_obj(spec.shape, h, w, rng, min_object=min_object)
             fr = _frame(o, h, w)
             if fr is None:
                 continue
             win, u, v, pu, pv, _ = fr
-            alpha = _alpha_from_sd(_shape_sd(cls, u, v), o)
+            alpha = _alpha_from_sd(_shape_sd(spec.shape, u, v), o)
             mask = alpha >= 0.5
             n_in = int(mask.sum())
             if n_in == 0:
@@ -393,10 +468,10 @@ def render_image(
             owner[win[0] : win[1], win[2] : win[3]][mask] = len(visible)
             visible.append(n_in)
             full_areas.append(full)
-            _paint(img, win, alpha, _object_colour_field(o, pu, pv, rng))
+            _paint(img, win, alpha, _object_colour_field(spec, o, pu, pv, rng, n_colours))
             objects.append(
                 {
-                    "category_id": CATEGORY_IDS[cls],
+                    "category_id": spec.category_id,
                     "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
                     "area": float(n_in),
                 }
@@ -410,8 +485,17 @@ def render_image(
 
 # ---------------------------------------------------------------------------------------- dataset
 def _split_dataset(
-    split: str, n: int, out_dir: Path, seed: int, min_side: int, max_side: int, bar, min_object: float = MIN_OBJECT
+    split: str,
+    n: int,
+    out_dir: Path,
+    seed: int,
+    min_side: int,
+    max_side: int,
+    bar,
+    min_object: float = MIN_OBJECT,
+    classes: list[ClassSpec] | None = None,
 ) -> dict:
+    classes = classes or class_specs()
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -420,7 +504,7 @@ def _split_dataset(
         rng = np.random.default_rng([seed, _SPLITS[split], k])
         h = int(rng.integers(min_side, max_side + 1))
         w = int(rng.integers(min_side, max_side + 1))
-        pixels, objects = render_image(h, w, rng, min_object)
+        pixels, objects = render_image(h, w, rng, min_object, classes)
         image_id = k + 1
         file_name = f"{image_id:06d}.png"
         tmp = img_dir / f".{file_name}.tmp"
@@ -437,7 +521,7 @@ def _split_dataset(
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(CATEGORY_IDS, CLASSES)
+            {"id": spec.category_id, "name": spec.name, "supercategory": "shape"} for spec in classes
         ],
     }
     ann_path = out_dir / "annotations" / f"instances_{split}.json"
@@ -457,8 +541,12 @@ def generate(
     max_side: int = 224,
     progress: bool = True,
     min_object: float = MIN_OBJECT,
+    textures: int = 1,
+    colours: int = 1,
 ) -> dict:
     """Write out_dir/{train,val}/*.png and out_dir/annotations/instances_{train,val}.json.
+
+    `textures` x `colours` x 6 shapes = the number of classes (`class_specs`; 1, 1: the default six).
 
     Returns {'out_dir', 'train_images', 'train_ann', 'val_images', 'val_ann', 'num_images': {split: n},
     'num_annotations': {split: n}, 'per_class': {split: {name: n}}, 'box_side': {'min', 'median', 'max'},
@@ -470,6 +558,7 @@ def generate(
         raise ValueError(f"need {MIN_OBJECT / 2} <= min_object <= min_side / 2, got {min_object}")
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
+    classes = class_specs(textures, colours)
     out = Path(out_dir)
     t0 = time.perf_counter()
     bar = None
@@ -479,17 +568,17 @@ def generate(
         bar = tqdm(total=num_train + num_val, desc=f"synthetic -> {out}", unit="img")
     try:
         splits = {
-            split: _split_dataset(split, n, out, seed, min_side, max_side, bar, min_object)
+            split: _split_dataset(split, n, out, seed, min_side, max_side, bar, min_object, classes)
             for split, n in (("train", num_train), ("val", num_val))
         }
     finally:
         if bar is not None:
             bar.close()
     sides = [min(a["bbox"][2], a["bbox"][3]) for s in splits.values() for a in s["annotations"]]
-    name_of = dict(zip(CATEGORY_IDS, CLASSES))
+    name_of = {spec.category_id: spec.name for spec in classes}
     per_class = {}
     for split, s in splits.items():
-        counts = dict.fromkeys(CLASSES, 0)
+        counts = dict.fromkeys(name_of.values(), 0)
         for a in s["annotations"]:
             counts[name_of[a["category_id"]]] += 1
         per_class[split] = counts
