@@ -8,7 +8,8 @@ record of the store once):
                   (random access, what `CachedViewDataset` does per item)
   wds             `webdataset.WebDataset(shards)` streamed in order (as `wds_batches` does), each
                   sample through `stores.wds_store.decode_sample(..., compact=...)`, which checks
-                  the sample's sha256 against its shard's sidecar first (issue 11)
+                  the sample's crc32c against its shard's sidecar first (issue 11; sha256 for
+                  shards written before the sidecar had crc32c)
   zarr fpn-only   the same two reading only the fpn family (what an SSIM / feature-MSE student
   wds fpn-only    needs): Zarr skips the other families' bytes, WebDataset reads them
 
@@ -30,6 +31,9 @@ Stores:
                     WebDataset writers, once with the codecs of before issue 9 (BEFORE_CODECS,
                     read with compact=False) and once with today's defaults (`CacheParams`,
                     read with compact=True)
+  800x1344 demo     the same with the demo teacher's shapes (FPN 64 ch, 6 classes): ~1.8 MB per
+                    record with the defaults, the size class of the demo teacher's real records
+                    (1.5 MB; i.i.d. synthetic class maps keep more top-k entries)
 
 One process, one thread (the figure a DataLoader worker gets; multiply by workers).
 """
@@ -65,6 +69,7 @@ from stages.config import CacheParams
 from stages.data.batching import padded_size
 from stages.data.views import View
 from stages.distill.device_decode import record_to_device
+from stages.distill.loader import tune_malloc
 from stores import Manifest, encode_record, open_reader, open_writer
 from stores.base import target_family
 from stores.manifest import SCHEMA_VERSION
@@ -128,7 +133,9 @@ def _bytes_by_family(reader, keys) -> dict[str, float]:
 
 
 def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[str, Any]:
-    """Records/s per worker of both readers; `compact`: hand on parts (after) or float32 maps (before)."""
+    """Records/s per worker of both readers; `compact`: hand on parts (after) or float32 maps (before).
+    The process gets the malloc tuning a stage-2 loader worker gets (`tune_malloc`)."""
+    tune_malloc()
     zarr_reader = open_reader(root, "zarr")
     wds_reader = open_reader(root, "wds")
     keys = zarr_reader.keys()
@@ -215,7 +222,7 @@ def summary_md(result: dict) -> str:
             "per-round throughput ratio; rec/CPU-s = records per CPU-second of the worker process (what a "
             "worker with a core of its own would do; steadier than wall time on a loaded machine). *before*: the codecs of before issue 9, every map decoded to float32 "
             "in the worker; *after*: today's default codecs, the worker only undoes zstd and the framing "
-            "(wds also checks each sample's sha256) and the training device dequantises (the last column is "
+            "(wds also checks each sample's crc32c) and the training device dequantises (the last column is "
             "that work on this CPU, one torch thread). A student reading only FPN maps skips the other "
             "families' bytes with Zarr; WebDataset streams them anyway.")
 
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
             before, settings, compact=False)
         after = synthetic_store(work / "synthetic-800x1344", BIG_RECORDS)
         out["stores"]["800x1344 synthetic, after (default codecs, device decode)"] = measure_store(after, settings)
+        demo = synthetic_store(work / "synthetic-800x1344-demo", 2 * BIG_RECORDS, fpn_channels=64, num_classes=6)
+        out["stores"]["800x1344 synthetic, demo-teacher shapes (FPN 64, 6 classes), default codecs"] = (
+            measure_store(demo, settings))
     rows = [[s, r["records_per_s"]["zarr"], r["records_per_s"]["wds"], r["ratio_wds_vs_zarr"],
              r["stored_mb_per_record"]] for s, r in out["stores"].items()]
     print_table(f"{NAME} ({settings.scale.name})", ["store", "zarr rec/s", "wds rec/s", "wds/zarr", "stored MB/rec"],

@@ -349,6 +349,21 @@ def _compress(part: np.ndarray, lossless: str) -> tuple[str, bytes]:
     return lossless, data
 
 
+def _zstd_content_size(frame: bytes) -> int | None:
+    """Frame_Content_Size from a zstd frame header (RFC 8878 §3.1.1.1), None if absent or not a frame.
+    numcodecs checks a frame against its own size but accepts an output buffer larger than that."""
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = frame[4]
+    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    start = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    if size == 0 or len(frame) < start + size:
+        return None
+    value = int.from_bytes(frame[start : start + size], "little")
+    return value + 256 if size == 2 else value
+
+
 def _decompress(codec: str, data: bytes) -> bytes:
     if codec == "none":
         return data
@@ -496,16 +511,25 @@ def unpack(blob: bytes | dict) -> CompactArray:
         for name, p in h["parts"].items():
             dt = np.dtype(p["dtype"])
             pshape = tuple(int(s) for s in p["shape"])
-            data = _decompress(p["codec"], p["bytes"])
+            n = int(np.prod(pshape)) if pshape else 1
+            if p["codec"] == "zstd" and _zstd_content_size(p["bytes"]) == n * dt.itemsize:
+                # straight into a writable buffer of the expected size, no copy after it (the loader's
+                # hot path); the frame's own size is checked first: numcodecs accepts a larger buffer
+                buf = np.empty(n * dt.itemsize, dtype=np.uint8)
+                _ZSTD.decode(p["bytes"], out=buf)
+                data = buf
+            else:
+                data = _decompress(p["codec"], p["bytes"])
             if "crc32" in p and zlib.crc32(data) != p["crc32"]:
                 raise BlobDecodeError(f"part {name!r} fails its crc32 (damaged bytes)")
-            n = int(np.prod(pshape)) if pshape else 1
             if len(data) != n * dt.itemsize:
                 raise BlobDecodeError(f"part {name!r}: {len(data)} bytes for shape {pshape} of {dt}")
             arr = np.frombuffer(data, dtype=dt).reshape(pshape)
             filt = p.get("filter", "none")
             if filt == "delta":
-                arr = np.cumsum(arr, dtype=dt)
+                if not arr.flags.writeable:
+                    arr = arr.copy()
+                arr = np.cumsum(arr, dtype=dt, out=arr)  # in place: no second index-sized array
             elif filt != "none":
                 raise BlobDecodeError(f"unknown filter {filt!r} on part {name!r}")
             # native order and writable (frombuffer views are read-only): torch.from_numpy can

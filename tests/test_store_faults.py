@@ -322,7 +322,7 @@ def test_flipped_scale_byte_in_tar_member_is_refused_by_the_stream(tmp_path):
         decode_sample(sample)
     msg = str(info.value)
     assert "\n" not in msg
-    assert f"shard {shard}: member {key}.fpn.1.msgpack fails its sha256 checksum" in msg
+    assert f"shard {shard}: member {key}.fpn.1.msgpack fails its crc32c checksum" in msg
     assert "rerun python -m pipeline.cache_teacher" in msg
     with pytest.raises(StoreReadError, match=f"shard {shard}: member {key}.fpn.1.msgpack fails"):
         decode_sample(sample, targets=["fpn"], compact=True)  # the device-decode path too

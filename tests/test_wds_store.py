@@ -92,7 +92,7 @@ def test_webdataset_pipeline_reads_shards(tmp_path):
     broken = dict(samples[5])
     broken["fpn.0.msgpack"] = broken["fpn.0.msgpack"][:50]
     with pytest.raises(StoreReadError, match=f"shard .*shard-000001.tar: member {samples[5]['__key__']}.fpn.0.msgpack "
-                       "fails its sha256 checksum"):
+                       "fails its crc32c checksum"):
         decode_sample(broken)
     with pytest.raises(StoreReadError, match=f"sample {samples[5]['__key__']} of .*shard-000001.tar"):
         decode_sample(broken, verify=False)  # the blob's own framing still refuses it

@@ -13,7 +13,10 @@ training device.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +26,30 @@ from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stores.codecs import CompactArray
+
+_TUNED: set[int] = set()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def tune_malloc() -> bool:
+    """Keep a loader worker's per-record buffers (MBs each: file bytes, msgpack bins, decompressed
+    parts) in glibc's heap instead of fresh mmaps, once per process. glibc's default serves such
+    blocks with mmap and trims freed heap tops, so every record faulted in (and the kernel zeroed)
+    its ~10 MB of buffers again: about 1000 page faults per 1.8 MB record, 15-20 % of the worker's
+    CPU time (measured: /work/notes/issue-9-loader.md). No-op off glibc; returns whether it applied."""
+    pid = os.getpid()
+    if pid in _TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    if ok:
+        _TUNED.add(pid)
+    return ok
 
 
 def as_tensors(arrays: dict) -> dict:
@@ -75,6 +102,7 @@ class CachedViewDataset(torch.utils.data.Dataset):
         return view_padded_size(self.views[v], *self.coco.image_size(self.coco.image_ids[image]))
 
     def __getitem__(self, index: int) -> dict:
+        tune_malloc()  # once per worker process
         item = self.images[index]
         # only what the losses read; compact: lossless stage only, dequantised on the training device
         record = self.reader.get(item["image_id"], item["view"], targets=self.targets, compact=self.compact)
@@ -114,6 +142,7 @@ def wds_batches(
     Batches hold one padded size each; `start_step` batches are skipped on resume; `pin` pins the
     batch's compact parts (page-locked memory, for asynchronous copies to a CUDA device).
     """
+    tune_malloc()
     by_key = {v.key: v for v in views}
     streams = _streams()
     if len(shard_paths) < streams:  # a rank or worker without a shard would wait forever
