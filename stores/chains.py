@@ -1,0 +1,145 @@
+"""Codec chain grammar: ``"<transform>+<lossless>"`` strings, parsed into `CodecChain` values.
+
+What each transform does to an array, and the blob framing, are in `stores.codecs`; this module
+only names the chains and checks their parameters (so params can be validated before any work).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "zfp")
+HOST_TRANSFORMS = ("zfp",)  # computed by `pack` on the host (no torch encoder / decoder)
+INDEXED = ("sparse", "topk", "mask")  # transforms whose "idx" part is delta-filtered
+LOSSLESS = ("zstd", "blosc", "none")
+
+CODEC_CHAINS_FOR_BENCH = [
+    "raw+none",
+    "raw+zstd",
+    "raw+blosc",
+    "fp16+zstd",
+    "fp16+blosc",
+    "bitround10+zstd",
+    "bitround7+zstd",
+    "bitround7+blosc",
+    "int8c+zstd",
+    "int8c+blosc",
+    "u8p+zstd",
+    "sparse0.01+zstd",
+    "sparse0.05+zstd",
+]
+
+_VALID_FORMS = (
+    "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
+    "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), maskT (0 <= T <= 1), "
+    "pcaK (K >= 1), zfpT (T > 0) and lossless one of zstd, blosc, none; e.g. 'fp16+zstd', "
+    "'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca32+zstd'"
+)
+
+@dataclass(frozen=True)
+class CodecChain:
+    """A parsed chain. ``param`` is N for bitround, T for sparse / mask / zfp, K for pca, (K, F)
+    for topk, None otherwise."""
+
+    transform: str
+    lossless: str
+    param: float | int | tuple | None = None
+
+    @property
+    def spec(self) -> str:
+        """Canonical string form (``parse_chain(c.spec) == c``)."""
+        if self.transform == "bitround":
+            head = f"bitround{self.param}"
+        elif self.transform in ("sparse", "mask", "zfp"):
+            head = f"{self.transform}{self.param:g}"
+        elif self.transform == "pca":
+            head = f"pca{self.param}"
+        elif self.transform == "topk":
+            head = f"topk{self.param[0]}f{self.param[1]:g}"
+        else:
+            head = self.transform
+        return f"{head}+{self.lossless}"
+
+    @property
+    def lossy(self) -> bool:
+        return self.transform != "raw"
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+_RE_BITROUND = re.compile(r"^bitround(\d+)$")
+_NUM = r"((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)"
+_RE_SPARSE = re.compile(r"^sparse" + _NUM + "$")
+_RE_TOPK = re.compile(r"^topk(\d+)f" + _NUM + "$")
+_RE_MASK = re.compile(r"^mask" + _NUM + "$")
+_RE_ZFP = re.compile(r"^zfp" + _NUM + "$")
+_RE_PCA = re.compile(r"^pca(\d+)$")
+
+
+def parse_chain(spec: str | CodecChain) -> CodecChain:
+    """Parse ``"<transform>+<lossless>"``; ValueError naming the bad spec and the valid forms."""
+    if isinstance(spec, CodecChain):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"bad codec chain {spec!r}: expected a string {_VALID_FORMS}")
+    text = spec.strip().lower()
+    head, sep, lossless = text.partition("+")
+    if not sep or "+" in lossless or lossless not in LOSSLESS:
+        raise ValueError(f"bad codec chain {spec!r}: expected {_VALID_FORMS}")
+    if head in ("raw", "fp16", "int8c", "u8p"):
+        return CodecChain(head, lossless)
+    m = _RE_BITROUND.match(head)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 23:
+            raise ValueError(f"bad codec chain {spec!r}: bitround keeps 1..23 mantissa bits, got {n}")
+        return CodecChain("bitround", lossless, n)
+    m = _RE_SPARSE.match(head)
+    if m:
+        t = float(m.group(1))
+        if not 0.0 < t <= 1.0 or not math.isfinite(t):
+            raise ValueError(f"bad codec chain {spec!r}: sparse threshold must be in (0, 1], got {t}")
+        return CodecChain("sparse", lossless, t)
+    return _parse_compact(spec, head, lossless)
+
+
+def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
+    """The issue-9 transforms (topk, mask, pca, zfp)."""
+    m = _RE_TOPK.match(head)
+    if m:
+        k, f = int(m.group(1)), float(m.group(2))
+        if k < 1 or not 0.0 < f < 1.0:
+            raise ValueError(f"bad codec chain {spec!r}: topkKfF needs K >= 1 and 0 < F < 1, got K={k}, F={f}")
+        return CodecChain("topk", lossless, (k, f))
+    m = _RE_MASK.match(head)
+    if m:
+        t = float(m.group(1))
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"bad codec chain {spec!r}: mask threshold must be in [0, 1], got {t}")
+        return CodecChain("mask", lossless, t)
+    m = _RE_PCA.match(head)
+    if m:
+        k = int(m.group(1))
+        if k < 1:
+            raise ValueError(f"bad codec chain {spec!r}: pca keeps K >= 1 components, got {k}")
+        return CodecChain("pca", lossless, k)
+    m = _RE_ZFP.match(head)
+    if m:
+        t = float(m.group(1))
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"bad codec chain {spec!r}: zfp tolerance (relative to max|x|) must be in (0, 1)")
+        return CodecChain("zfp", lossless, t)
+    raise ValueError(f"bad codec chain {spec!r}: unknown transform {head!r}; expected {_VALID_FORMS}")
+
+
+def effective_chain(array: np.ndarray, chain: CodecChain | str) -> CodecChain:
+    """The chain actually used for `array`: non-float arrays are forced to ``raw`` (exact)."""
+    chain = parse_chain(chain)
+    if chain.transform != "raw" and not np.issubdtype(np.asarray(array).dtype, np.floating):
+        return CodecChain("raw", chain.lossless)
+    return chain
