@@ -168,3 +168,29 @@ def measure_archs(name: str, description: str, argv, measure) -> tuple[Any, dict
             fix = fixture(Path(work), settings.scale, arch, settings.images, settings.batch)
             out["archs"][arch] = measure(fix, settings, device)
     return settings, env, out, t0
+
+
+def trained_checkpoint(final: Path) -> tuple[Path | None, str]:
+    """A trained teacher for the real-scale benchmarks: `final` (what train_teacher writes at the end),
+    else the `last.pt` next to it (a run still in progress or stopped: its step is said), else None.
+    Returns (path or None, how it was trained, in words)."""
+    final = Path(final)
+    for path in (final, final.parent / "last.pt"):
+        if not path.exists():
+            continue
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        train = ckpt.get("params", {}).get("teacher", {}).get("train", {})
+        data = ckpt.get("params", {}).get("data", {})
+        step, total = ckpt.get("step", "?"), train.get("steps", "?")
+        state = "" if path == final else f"PARTIAL (train_teacher stopped at step {step} of {total}, {path.name}); "
+        how = (f"{state}trained {step} steps (batch {train.get('batch_size', '?')}, {train.get('optimizer', '?')} "
+               f"lr {train.get('lr', '?')}) on {data.get('train_ann', '?')} at {data.get('min_size', '?')}x"
+               f"{data.get('max_size', '?')} views")
+        init = ckpt.get("params", {}).get("teacher", {}).get("model", {}).get("pretrained_backbone")
+        if init:
+            how += f", backbone initialised from {init}"
+        metrics = path.parent / "eval.json"
+        if metrics.exists():
+            how += f"; val AP {json.loads(metrics.read_text()).get('AP')}"
+        return path, how
+    return None, f"{final} missing (and no {final.parent / 'last.pt'})"

@@ -3,7 +3,7 @@
     python -m bench.run_all [--scale small|real] [--rounds N] [--images N] [...]
 
 Options are those of each benchmark (`python -m bench.cache_throughput --help`) and are passed to
-all of them. Writes bench/results/<name>.json (or <name>-real.json) and SUMMARY.md.
+all of them. `bench.views` (two student trainings per seed) is not run here: `python -m bench.views`. Writes bench/results/<name>.json (or <name>-real.json) and SUMMARY.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import time
 from bench.common import make_parser
 from bench.summary import BENCHMARKS
 
+# bench.views trains two students per seed (tens of minutes on a CPU): run it on its own
+SLOW = ("views",)
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -24,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         if not args.workdir:
             argv += ["--workdir", tmp]
-        for name in BENCHMARKS:
+        for name in (n for n in BENCHMARKS if n not in SLOW):
             t1 = time.perf_counter()
             print(f"\n=== bench.{name} ===", flush=True)
             importlib.import_module(f"bench.{name}").main(argv)

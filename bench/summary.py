@@ -13,13 +13,15 @@ import json
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("cache_throughput", "rate_distortion", "loader", "student_step", "n_experiments")
+BENCHMARKS = ("cache_throughput", "rate_distortion", "loader", "student_step", "n_experiments", "realscale", "views")
 TITLES = {
     "cache_throughput": "Stage 1: caching loop vs teacher forward",
     "rate_distortion": "Codecs: bytes, speed and fidelity against the live teacher",
     "loader": "Stage 2 loaders: decoded records per second per worker process",
     "student_step": "Stage 2: student step time, offline (cache) vs online (live teacher)",
     "n_experiments": "Total compute for N students: cached vs online",
+    "realscale": "Real scale (800x1344): bytes, loader and KD-gradient fidelity per teacher (issue 9)",
+    "views": "More views for the same disk: 4 views x compact codecs vs 2 views (issue 9)",
 }
 
 

@@ -172,3 +172,69 @@ def test_benchmark_dataset_keeps_images_of_one_padded_size(tmp_path):
     data = json.loads(ann.read_text())
     assert {a["image_id"] for a in data["annotations"]} <= set(coco.image_ids)
     assert make_dataset(tmp_path, scale, num_images=4) == (images, ann, padded)  # reused, not regenerated
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 9: bench.realscale / bench.views
+
+
+def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, monkeypatch):
+    """A tiny random teacher at a small view (the real run is 800x1344): every key of the issue, seven
+    methods, finite figures; a row whose checkpoint is missing is skipped with the command that makes it."""
+    import torch
+
+    from bench import realscale
+
+    monkeypatch.setitem(realscale.TEACHERS, "demo", dict(realscale.TEACHERS["demo"],
+                                                         checkpoint=str(tmp_path / "none/model.pt")))
+    torch.set_num_threads(1)
+    out = realscale.main(["--teachers", "tiny,demo", "--view", "128,192", "--warm-view", "128,128", "--images", "1",
+                          "--student-steps", "1", "--rounds", "1", "--step-rounds", "1", "--device", "cpu",
+                          "--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")])
+    saved = json.loads((tmp_path / "res/realscale.json").read_text())["results"]
+    for key in ("view", "teacher", "bytes_per_record", "bytes_by_target", "loader_records_per_s_per_worker",
+                "grad_cosine", "loss_rel_err", "codecs", "step_time_offline_over_online"):
+        assert key in saved, key
+    assert saved["view"] == [128, 192] and saved["headline"] == "tiny"
+    assert set(saved["grad_cosine"]) == {"mse", "cosine", "cskd", "ssim", "crosskd", "rm", "pfi"}
+    assert all(-1.0 <= v <= 1.0 + 1e-9 for v in saved["grad_cosine"].values())
+    assert set(saved["loader_records_per_s_per_worker"]) == {"zarr", "wds"}
+    assert all(v > 0 for v in saved["loader_records_per_s_per_worker"].values())
+    row = saved["teachers"]["tiny"]
+    assert row["bytes_per_record"] == pytest.approx(sum(row["bytes_by_target"].values()), rel=1e-5)
+    assert {"fpn", "cls", "box"} <= set(row["targets"]) and "default" in row["codec_sets"]
+    assert row["teacher"]["num_classes"] == 6 and "random" in row["teacher"]["trained"]
+    assert "missing" in saved["teachers"]["demo"]["teacher"]["skipped"]
+    assert out["teachers"]["demo"]["goals_met"] == {}
+    text = (tmp_path / "res/SUMMARY.md").read_text()
+    assert "Real scale (800x1344)" in text and "cos cskd" in text
+
+
+def test_trained_checkpoint_prefers_the_final_file_and_names_a_partial_run(tmp_path):
+    import torch
+
+    from bench.fixtures import trained_checkpoint
+
+    final = tmp_path / "teacher/model.pt"
+    assert trained_checkpoint(final)[0] is None
+    final.parent.mkdir()
+    meta = {"params": {"teacher": {"train": {"steps": 400, "batch_size": 4}}, "data": {"train_ann": "a.json"}}}
+    torch.save(meta | {"step": 200}, final.parent / "last.pt")
+    path, how = trained_checkpoint(final)
+    assert path == final.parent / "last.pt" and "PARTIAL" in how and "200 of 400" in how
+    torch.save(meta | {"step": 400}, final)
+    path, how = trained_checkpoint(final)
+    assert path == final and "PARTIAL" not in how and "trained 400 steps" in how
+
+
+def test_views_summary_states_the_disk_ratio_and_ap_difference():
+    from bench import views
+
+    side = {"views": views.TWO_VIEWS, "codec_set": "pre-issue-9", "disk_bytes": 2e6, "disk_bytes_per_image": 4e4,
+            "AP_mean": 10.0, "AP50_mean": 20.0, "runs": {"0": {"AP": 10.0}}}
+    four = dict(side, views=views.FOUR_VIEWS, codec_set="default", disk_bytes=1e6, AP_mean=11.0)
+    result = {"results": {"sides": {"2 views": side, "4 views": four}, "teacher": {"trained": "t"}, "images": 48,
+                          "steps": 80, "seeds": [0], "disk_ratio_4_over_2": 0.5, "AP_delta_4_minus_2": 1.0}}
+    text = views.summary_md(result)
+    assert "disk(4)/disk(2) = 0.5" in text and "AP(4) - AP(2) = +1" in text
+    assert len(views.FOUR_VIEWS) >= 4 and len({(v["min_size"], v["flip"]) for v in views.FOUR_VIEWS}) == 4

@@ -1,0 +1,175 @@
+"""More views for the same disk (issue 9 part 7): a student trained on a cache of >= 4 views per image
+(scales x flips) with compact codecs vs one trained on today's 2 views with the pre-issue-9 codecs.
+
+    python -m bench.views [--images 48] [--steps 80] [--seeds 0,1] [--method cskd|ssim|mse|pfi]
+                          [--scales4 96,128] [--codecs4 default|mixed|FAMILY=CHAIN,...] [--targets all]
+
+A fixed set of views is the known weakness of cached distillation (the student overfits a frozen
+teacher on a few inputs); smaller records make more views affordable. Both sides use the demo
+profile (params.yaml: data/synthetic, the demo teacher runs/teacher/model.pt or its last.pt, its
+R18 student, the KD method `--method` with the demo's weight), the first N training images, the
+same steps and seeds, and cache the targets that method reads (`--targets all`: the demo's); only
+the cache differs:
+
+  2 views   (128x192, flip / no flip), codecs fpn int8c, cls int8c, box fp16 (pre-issue-9 defaults)
+  4 views   `--scales4` short sides (long side cap 1.5x), flip / no flip; codecs `--codecs4`
+            (default: `CacheParams().codecs` when it differs from the pre-issue-9 set, else the
+            compact set; FAMILY=CHAIN pairs are laid over the defaults)
+
+Reported: disk bytes of each Zarr store (all files), their ratio, the students' val AP / AP50 per
+seed and the mean difference. Goal: disk(4 views) <= disk(2 views) and AP(4) >= AP(2). The demo
+set is tiny and its students short: AP differences below about 1 AP are noise at this size.
+Writes bench/results/views.json and SUMMARY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, make_parser, md_table, settings_from, setup_torch, workdir, write_result
+from bench.fixtures import trained_checkpoint
+from bench.realscale import CODEC_SETS
+from pipeline.params import load_params
+from stages.config import CacheParams, Params, from_dict, to_dict
+
+NAME = "views"
+TWO_VIEWS = [{"min_size": 128, "max_size": 192, "flip": False}, {"min_size": 128, "max_size": 192, "flip": True}]
+SCALES4 = (96, 128)  # short sides of the 4-view cache (long side cap 1.5x), each flipped and not
+
+
+def four_views(scales=SCALES4) -> list[dict]:
+    return [{"min_size": s, "max_size": s * 3 // 2, "flip": f} for s in scales for f in (False, True)]
+
+
+FOUR_VIEWS = four_views()
+# what each method's offline student reads (head: CSKD's tower terms run the teacher head on cached FPN)
+METHOD_TARGETS = {"cskd": ["fpn", "cls", "box", "head", "tower_stats"], "ssim": ["fpn"], "mse": ["fpn"],
+                  "pfi": ["fpn", "cls"]}
+METHOD_WEIGHTS = {"cskd": 1.0, "ssim": 2.0, "mse": 1.0, "pfi": 1.5}  # params.yaml experiments
+
+
+def subset(folder: Path, ann: Path, n: int) -> Path:
+    """The first n images of a COCO json (and their annotations), written to folder."""
+    data = json.loads(ann.read_text())
+    keep = {im["id"] for im in sorted(data["images"], key=lambda im: im["id"])[:n]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    out = folder / f"instances_train_{n}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, sort_keys=True))
+    return out
+
+
+def side_params(base: Params, work: Path, name: str, ann: Path, ckpt: Path, views: list, codecs: dict,
+                steps: int, seed: int, targets: list[str], method: str) -> Params:
+    raw = to_dict(base)
+    raw["data"]["train_ann"] = str(ann)
+    raw["teacher"]["checkpoint"] = str(ckpt)
+    raw["cache"].update(path=str(work / f"cache-{name}"), format="zarr", views=views, codecs=codecs,
+                        views_per_image=0, n_workers=1, targets=targets)
+    raw["distill"].update(teacher="offline", source="zarr", losses={method: METHOD_WEIGHTS[method]})
+    raw["train"].update(steps=steps, seed=seed, ckpt_every=10 * steps, warmup_steps=min(20, steps // 5))
+    raw["student"]["out_dir"] = str(work / "students")
+    return from_dict(Params, raw)
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "zarr").rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(NAME, __doc__)
+    parser.add_argument("--steps", type=int, default=100, help="student steps per run (demo: 150)")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--codecs4", default="", help="codec set of the 4-view cache (see bench.realscale)")
+    parser.add_argument("--scales4", default=",".join(map(str, SCALES4)),
+                        help="short sides of the 4-view cache (each flipped and not; long side cap 1.5x)")
+    parser.add_argument("--method", default="cskd", choices=sorted(METHOD_TARGETS), help="the students' KD loss")
+    parser.add_argument("--targets", default="",
+                        help="cached targets of both caches (default: what --method reads; 'all': the demo's)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the demo profile")
+    args = parser.parse_args(argv)
+    args.images = args.images or 64
+    args.batch = args.batch or 1
+    settings = settings_from(args, argv)
+    env = setup_torch(settings)
+    from stages.cache.run import run_cache
+    from stages.distill.run import train_student
+
+    t0 = time.perf_counter()
+    base = load_params(Path(args.params))
+    ann = Path(base.data.train_ann)
+    if not ann.exists():
+        raise SystemExit(f"error: {ann} missing: make the demo data with `python -m pipeline.make_dataset`")
+    ckpt, how = trained_checkpoint(REPO / base.teacher.checkpoint)
+    if ckpt is None:
+        raise SystemExit(f"error: {how}")
+    old = CODEC_SETS["pre-issue-9"]
+    default = dict(CacheParams().codecs)
+    name4 = args.codecs4 or ("default" if default != old else "compact")
+    if "=" in name4:  # e.g. fpn=pca8+zstd: chains laid over the default set
+        codecs4 = default | dict(kv.split("=", 1) for kv in name4.split(","))
+    elif name4 in CODEC_SETS:
+        codecs4 = CODEC_SETS[name4]
+    else:
+        raise SystemExit(f"error: --codecs4 {name4!r}: one of {', '.join(CODEC_SETS)} or FAMILY=CHAIN,...")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    targets = (list(base.cache.targets) if args.targets == "all"
+               else args.targets.split(",") if args.targets else METHOD_TARGETS[args.method])
+    views4 = four_views(int(x) for x in args.scales4.split(","))
+    sides = {"2 views": (TWO_VIEWS, old, "pre-issue-9"), "4 views": (views4, codecs4, name4)}
+    out: dict[str, Any] = {"teacher": {"checkpoint": str(ckpt.relative_to(REPO)) if ckpt.is_relative_to(REPO)
+                                       else str(ckpt), "trained": how},
+                           "images": args.images, "steps": args.steps, "seeds": seeds, "method": {args.method: METHOD_WEIGHTS[args.method]},
+                           "targets": targets,
+                           "sides": {}}
+    with workdir(settings) as work:
+        work = Path(work)
+        sub = subset(work, ann, args.images)
+        for side, (views, codecs, codec_name) in sides.items():
+            tag = side.replace(" ", "")
+            params = side_params(base, work, tag, sub, ckpt, views, codecs, args.steps, seeds[0], targets, args.method)
+            print(f"views: caching {side} ...", flush=True)
+            t1 = time.perf_counter()
+            run_cache(params, progress=False)
+            row = {"views": views, "codec_set": codec_name, "codecs": codecs, "cache_s": time.perf_counter() - t1,
+                   "disk_bytes": disk_bytes(Path(params.cache.path))}
+            row["disk_bytes_per_image"] = row["disk_bytes"] / args.images
+            row["runs"] = {}
+            for seed in seeds:
+                params = side_params(base, work, tag, sub, ckpt, views, codecs, args.steps, seed, targets, args.method)
+                print(f"views: student {side} seed {seed} ...", flush=True)
+                metrics = train_student(params, None, work / "students" / f"{tag}-seed{seed}", progress=False)
+                row["runs"][str(seed)] = {k: metrics.get(k) for k in ("AP", "AP50", "AP75", "sec_per_step")}
+            row["AP_mean"] = float(np.mean([r["AP"] for r in row["runs"].values()]))
+            row["AP50_mean"] = float(np.mean([r["AP50"] for r in row["runs"].values()]))
+            out["sides"][side] = row
+    two, four = out["sides"]["2 views"], out["sides"]["4 views"]
+    out["disk_ratio_4_over_2"] = four["disk_bytes"] / two["disk_bytes"]
+    out["AP_delta_4_minus_2"] = four["AP_mean"] - two["AP_mean"]
+    out["goal_met"] = {"disk": out["disk_ratio_4_over_2"] <= 1.0, "AP": out["AP_delta_4_minus_2"] >= 0.0}
+    path = write_result(NAME, settings, env, out, time.perf_counter() - t0)
+    print(f"wrote {path}\n" + summary_md({"results": out}))
+    return out
+
+
+def summary_md(result: dict) -> str:
+    r = result["results"]
+    rows = [[side, len(s["views"]), s["codec_set"], s["disk_bytes"] / 1e6, s["disk_bytes_per_image"] / 1e3,
+             s["AP_mean"], s["AP50_mean"], " / ".join(f"{v['AP']:.4g}" for v in s["runs"].values())]
+            for side, s in r["sides"].items()]
+    table = md_table(["cache", "views/image", "codecs", "disk MB", "KB/image", "AP", "AP50", "AP per seed"], rows)
+    return (table + f"\n\nTeacher: {r['teacher']['trained']}. Cached targets {r.get('targets', 'all')}. "
+            f"{r['images']} training images, {r['steps']} student "
+            f"steps (offline {', '.join(r.get('method', {'cskd': 1}))}), seeds {r['seeds']}. disk(4)/disk(2) = {r['disk_ratio_4_over_2']:.3g}, "
+            f"AP(4) - AP(2) = {r['AP_delta_4_minus_2']:+.4g}. Goal: disk ratio <= 1 and AP difference >= 0; at "
+            "this size a difference under ~1 AP is noise.")
+
+
+if __name__ == "__main__":
+    main()
