@@ -18,7 +18,7 @@ topkKfF    Class maps (probabilities in [0, 1]). Channels are grouped per anchor
            error of p <= step / 2, e.g. 2.7 % at F = 0.01);
            bgc: float32 [C] and bgs: float16 [N]: the explicit background, a rank-one model of the
            dropped elements (per class channel x per cell, `background_fit`): a dropped element
-           decodes to ``bgc[c] * bgs[n]`` (float32). ~2 bytes per cell: it keeps the class priors
+           decodes to ``min(bgc[c] * bgs[n], F)`` (float32). ~2 bytes per cell: it keeps the class priors
            and where the teacher sees "something" that top-K alone would lose.
 maskT      Box / quality maps, kept only at cells where the teacher is confident: ``score`` (the
            record's class map of the same level, [Cs, *S]) has max over its channels >= T.
@@ -112,7 +112,10 @@ def topk_decode(parts: dict[str, np.ndarray], shape: tuple, floor: float) -> np.
     idx = parts["idx"]
     if idx.size and int(idx.max()) >= n:
         raise ValueError(f"topk index {int(idx.max())} out of range for shape {shape}")
-    out = (parts["bgc"][:, None] * parts["bgs"].astype(np.float32)[None, :]).ravel()
+    # the rank-one product can overshoot where a channel's mean is tiny and a cell's ratio large
+    # (values > 1 were seen on trained teachers); a dropped element is below F unless top-K dropped
+    # it, so the background is capped at F (float32, exact in torch too)
+    out = np.minimum(parts["bgc"][:, None] * parts["bgs"].astype(np.float32)[None, :], np.float32(floor)).ravel()
     out[idx] = logit_tables(floor)[1][parts["q"]]
     return out.reshape(shape)
 

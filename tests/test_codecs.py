@@ -256,7 +256,7 @@ def test_topk_keeps_per_anchor_top_k_above_floor(k, floor):
     d = ~kept.reshape(CLS.shape[0], -1)
     alpha = np.array([pr[c, d[c]].mean() if d[c].any() else 0.0 for c in range(pr.shape[0])])
     beta = np.array([(pr[d[:, n], n] / alpha[d[:, n]]).mean() if d[:, n].any() else 0.0 for n in range(pr.shape[1])])
-    bg = (alpha[:, None] * beta[None, :]).reshape(CLS.shape)
+    bg = np.minimum(alpha[:, None] * beta[None, :], floor).reshape(CLS.shape)  # capped at the floor
     np.testing.assert_allclose(y[~kept], bg[~kept], rtol=2e-3)  # bgs is float16
     # kept values: logit error within half a bin of the 255-step grid logit(floor)..9
     step = (9.0 - np.log(floor / (1 - floor))) / 255
@@ -277,6 +277,16 @@ def test_topk_background_model_follows_a_separable_field():
     # one alternating pass with the kept element left out of the means: within a few percent, where a
     # constant background would be off by 100x (the field spans more than two decades)
     assert np.abs(y[rest] / p[rest] - 1).max() < 0.03 and p[rest].max() / p[rest].min() > 100
+
+
+def test_topk_background_never_overshoots_the_floor():
+    # a channel with a tiny prior and one cell where another channel's dropped mass is large: the
+    # uncapped rank-one product bgc * bgs went above 1 on trained teachers' maps
+    p = np.full((2 * CLASSES, 4, 4), 1e-6, np.float32)
+    p[0] = 0.0019  # every cell of channel 0 just under the floor: bgc[0] large
+    p[1, 0, 0] = 0.0019  # channel 1: prior 1e-6, one cell near the floor -> bgs at that cell ~ 1e3
+    y = decode(encode(p, "topk1f0.002+zstd", classes=CLASSES))
+    assert y.max() <= np.float32(0.002) and np.abs(y - p).max() < 0.002
 
 
 def test_topk_without_classes_groups_a_cell_and_rejects_bad_grouping():

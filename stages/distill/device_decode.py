@@ -74,7 +74,8 @@ def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
         out[p["idx"].long()] = p["val"].float()
         return out.reshape(shape)
     if t == "topk":
-        out = (p["bgc"][:, None] * p["bgs"].float()[None, :]).reshape(-1)
+        floor = float(np.float32(chain.param[1]))  # the numpy reference's cap, exactly
+        out = (p["bgc"][:, None] * p["bgs"].float()[None, :]).clamp_max(floor).reshape(-1)
         out[p["idx"].long()] = _centres(chain.param[1], device)[p["q"].long()]
         return out.reshape(shape)
     if t == "mask":
