@@ -121,10 +121,19 @@ def _cache_section(cache: dict, png: Path) -> list[str]:
                      f"{summary.get('compression_ratio', 0):.1f}x smaller than float32; on disk: {summary.get('disk_bytes')}")
     fidelity = cache.get("fidelity", {})
     if fidelity:
-        lines += ["", "Fidelity against the live teacher (inspect_cache --fidelity):", "",
-                  "| target | cosine | max abs error | relative KD-loss error |", "|---|---|---|---|"]
+        lines += ["", "Fidelity against the live teacher (inspect_cache --fidelity): per target, the cached map's "
+                  "cosine and max error, and the relative error of a plain KD loss for a proxy student 10 % of the "
+                  "teacher's spread away (a nearly converged student: the strictest reading):", "",
+                  "| target | cosine | max abs error | relative KD-loss error (proxy) |", "|---|---|---|---|"]
         for target, f in fidelity.items():
             lines.append(f"| {target} | {f['cosine']:.5f} | {f['max_abs_error']:.4g} | {f['rel_kd_loss_error']:.2e} |")
+    grads = cache.get("fidelity_gradients", {})
+    if grads.get("grad_cosine"):
+        lines += ["", f"Per method, the real loss modules on cached vs live targets ({grads.get('student', 'a student')}): "
+                  "cosine of the KD loss's gradients w.r.t. the student's outputs (min over images) and relative "
+                  "KD-loss error (max):", "", "| method | gradient cosine | relative loss error |", "|---|---|---|"]
+        for method, cos in grads["grad_cosine"].items():
+            lines.append(f"| {method} | {cos:.5f} | {grads.get('loss_rel_err', {}).get(method, float('nan')):.2e} |")
     lines.append("")
     return lines
 

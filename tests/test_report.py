@@ -28,7 +28,9 @@ def test_report_tables_and_plots(tmp_path):
                          "compression_ratio": 3.0, "disk_bytes": {"zarr": 9000},
                          "families": {"fpn": {"stored_bytes_per_record": 1000, "raw_float32_bytes_per_record": 4000,
                                               "compression_ratio": 4.0}}},
-             "fidelity": {"fpn": {"cosine": 0.99999, "max_abs_error": 0.1, "rel_kd_loss_error": 1e-3}}}
+             "fidelity": {"fpn": {"cosine": 0.99999, "max_abs_error": 0.1, "rel_kd_loss_error": 1e-3}},
+             "fidelity_gradients": {"grad_cosine": {"cskd": 0.9987}, "loss_rel_err": {"cskd": 2.5e-3},
+                                    "student": "untrained resnet18 (seed 0)"}}
     (tmp_path / "cache.json").write_text(json.dumps(cache))
     experiments = {"baseline": {"losses": {}}, "cskd": {"losses": {"cskd": 1.0}},
                    "cskd_online": {"losses": {"cskd": 1.0}, "teacher": "online"}, "missing": {"losses": {"ssim": 2.0}}}
@@ -38,6 +40,7 @@ def test_report_tables_and_plots(tmp_path):
     assert "| cskd | offline | cskd 1 | 3.50 | 10.00 | 4.00 | 5.50 | 6.00 | n/a | +1.50 | 0.300 |" in text
     assert "| **teacher** | – | – | 6.00 |" in text and "| missing | offline | (not run) |" in text
     assert "online/offline step time = 1.50x" in text
+    assert "| cskd | 0.99870 | 2.50e-03 |" in text and "untrained resnet18 (seed 0)" in text
     assert "| fpn | int8c+zstd | 1,000 | 4,000 | 4.0x |" in text and "| fpn | 0.99999 |" in text
     for png in ("ap.png", "training_curves.png", "cache_bytes.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
