@@ -36,7 +36,7 @@ def tune_malloc() -> bool:
     parts) in glibc's heap instead of fresh mmaps, once per process. glibc's default serves such
     blocks with mmap and trims freed heap tops, so every record faulted in (and the kernel zeroed)
     its ~10 MB of buffers again: about 1000 page faults per 1.8 MB record, 15-20 % of the worker's
-    CPU time (measured: /work/notes/issue-9-loader.md). No-op off glibc; returns whether it applied."""
+    CPU time (measured with bench/loader.py). No-op off glibc; returns whether it applied."""
     pid = os.getpid()
     if pid in _TUNED:
         return True
