@@ -167,7 +167,7 @@ def test_colour_families_are_a_reliable_cue():
     """With colours >= 2, a class's main colour stays in its hue family (colorsys as the oracle)."""
     import colorsys
 
-    from stages.data.synthetic import _family_colours
+    from stages.data.synthetic_classes import _family_colours
 
     rng = np.random.default_rng(0)
     for n in (2, 3):
