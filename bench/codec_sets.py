@@ -16,6 +16,7 @@ Writes bench/results/codec_sets.json. CPU is fine (a few minutes at 2 images).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from pathlib import Path
 
@@ -40,7 +41,19 @@ SETS = {
     "pca32/int8c/int8c": {"fpn": "pca32+zstd", "cls": "int8c+zstd", "box": "int8c+zstd"},
     "pca16/int8c/int8c": {"fpn": "pca16+zstd", "cls": "int8c+zstd", "box": "int8c+zstd"},
     "pca32/int8c/mask0.01": {"fpn": "pca32+zstd", "cls": "int8c+zstd", "box": "mask0.01+zstd"},
+    # FPN candidates (issue 9, features): one quantiser step per level + pcodec, SZ3; cls / box as the
+    # issue-9 default set
+    "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
+    "pca64s0.2+pco/topk9f0.002/int8c": {"fpn": "pca64s0.2+pco", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
+    "pca64s0.25+pco/topk9f0.002/int8c": {"fpn": "pca64s0.25+pco", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
 }
+# class-map candidates (issue 9, class maps): the default set with another topk chain (every topk blob
+# now caps its background per anchor at the K-th kept value and keeps the dropped mass; int8c box
+# codes are delta-filtered where that is smaller)
+for _cls in ("topk9f0.01", "topk9f0.005", "topk16f0.01", "topk4f0.01", "topk24f0.01"):
+    SETS[f"default+cls={_cls}"] = {**dict(CacheParams().codecs), "cls": f"{_cls}+zstd"}
+if importlib.util.find_spec("pysz"):  # SZ3 is an optional extra (kdcache[sz])
+    SETS["sz0.005/topk9f0.002/int8c"] = {"fpn": "sz0.005+none", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"}
 
 
 def measure(teacher_name: str, hw: tuple[int, int], images: int, warm_steps: int, work: Path,

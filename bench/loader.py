@@ -6,7 +6,9 @@ record of the store once):
 
   zarr            `ZarrCacheReader.get(image_id, view, compact=...)` in a seeded random order
                   (random access, what `CachedViewDataset` does per item)
-  wds             `webdataset.WebDataset(shards)` streamed in order (as `wds_batches` does), each
+  wds             the shards streamed in order through webdataset's pipeline with the cache's own
+                  sample reader (``wds.DataPipeline(wds.SimpleShardList(shards), shard_samples)``, as
+                  `wds_batches` does: members read at the sidecar's offsets, no Python tar walk), each
                   sample through `stores.wds_store.decode_sample(..., compact=...)`, which checks
                   the sample's crc32c against its shard's sidecar first (issue 11; sha256 for
                   shards written before the sidecar had crc32c)
@@ -16,7 +18,8 @@ record of the store once):
   compact=False   "before": every target decoded to float32 numpy maps in the worker (the numpy
                   reference decode; what stage 2 did before issue 9)
   compact=True    "after": the lossless stage and framing only (`stores.codecs.unpack`), the parts
-                  handed on as they are stored; the dequantise / scatter runs on the training device
+                  handed on as they are stored, index parts still delta-coded (``defer_delta``, as the
+                  stage-2 loaders do); the cumsum, dequantise and scatter run on the training device
 
   device decode   (after stores only) `stages.distill.device_decode.decode_on_device` of every
                   record's compact parts with torch on THIS machine's CPU, one thread: the work
@@ -73,7 +76,7 @@ from stages.distill.loader import tune_malloc
 from stores import Manifest, encode_record, open_reader, open_writer
 from stores.base import target_family
 from stores.manifest import SCHEMA_VERSION
-from stores.wds_store import decode_sample
+from stores.wds_store import decode_sample, shard_samples
 
 NAME = "loader"
 BIG_HW = (800, 1344)
@@ -148,15 +151,15 @@ def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[
         def run():
             n = 0
             for image_id, view in order:
-                n += _held_bytes(zarr_reader.get(image_id, view, targets=targets, compact=compact))
+                n += _held_bytes(zarr_reader.get(image_id, view, targets=targets, compact=compact, defer_delta=compact))
             held["fpn" if targets else "all"] = n
         return run
 
     def wds_side(targets):
         def run():
             count = 0
-            for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-                decode_sample(sample, targets, compact=compact)
+            for sample in wds.DataPipeline(wds.SimpleShardList(shards), shard_samples):  # as `wds_batches`
+                decode_sample(sample, targets, compact=compact, defer_delta=compact)
                 count += 1
             if count != len(keys):
                 raise RuntimeError(f"webdataset streamed {count} records of {len(keys)} from {root}")
@@ -164,7 +167,7 @@ def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[
 
     sides = {"zarr": zarr_side(None), "wds": wds_side(None), "zarr fpn-only": zarr_side(["fpn"]),
              "wds fpn-only": wds_side(["fpn"])}
-    compacts = [zarr_reader.get(i, v, compact=True).arrays for i, v in keys] if compact else []
+    compacts = [zarr_reader.get(i, v, compact=True, defer_delta=True).arrays for i, v in keys] if compact else []
     if compact:
         cpu = torch.device("cpu")
 

@@ -15,8 +15,10 @@ family (fpn, cls, box) and each chain of `stores.codecs.CODEC_CHAINS_FOR_BENCH`:
                  student (the scale's student; train mode, as in a step); teacher targets batched
                  by `records_to_targets` from the live records with only this family decoded
 
-Issue 9 chains (`COMPACT_CHAINS`), per family: fpn pcaK (per-level channel PCA, int8 coefficients)
-and zfpT (ZFP fixed accuracy); cls topkKfF (per-anchor top-K classes above F, logit-domain uint8,
+Issue 9 chains (`COMPACT_CHAINS`), per family: fpn pcaK (per-level channel PCA, int8 coefficients),
+pcaKsS (the same basis, one quantiser step S * rms per level, int16 codes, best with the pcodec
+stage ``+pco``), zfpT (ZFP fixed accuracy, numcodecs ZFPY), szT (SZ3 absolute bound, pysz) and
+pcodec as the lossless stage of raw / bitround maps (`PCO_CHAINS`); cls topkKfF (per-anchor top-K classes above F, logit-domain uint8,
 explicit background); box maskT (only cells whose class score >= T; the record's live class map is
 the score). Encoded with the side inputs stage 1 gives them (`stores.base.codec_inputs`).
 
@@ -31,6 +33,7 @@ student and other targets, the KD-loss error measured against the synthetic maps
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import time
 from typing import Any
@@ -64,10 +67,14 @@ FAMILIES = ("fpn", "cls", "box")
 PROBABILITY_ONLY = ("sparse", "u8p", "topk")
 BOX_ONLY = ("mask",)
 COMPACT_CHAINS = ["pca8+zstd", "pca16+zstd", "pca32+zstd", "pca64+zstd", "zfp0.05+none", "zfp0.01+none",
+                  "pca64s0.5+pco", "pca64s0.3+pco", "pca64s0.2+pco", "pca64s0.1+pco", "pca64s0.3+zstd",
+                  "pca256s0.3+pco", "sz0.01+none", "sz0.003+none", "sz0.001+none",
                   "topk1f0.01+zstd", "topk2f0.01+zstd", "topk2f0.02+zstd", "topk3f0.005+zstd", "topk1f0.05+zstd",
                   "topk9f0.002+zstd",
                   "mask0.01+zstd", "mask0.05+zstd", "mask0.1+zstd"]
-FAMILY_TRANSFORMS = {"fpn": ("pca", "zfp"), "cls": ("topk",), "box": ("mask",)}
+FAMILY_TRANSFORMS = {"fpn": ("pca", "pcas", "zfp", "sz"), "cls": ("topk",), "box": ("mask",)}
+# pcodec as the lossless stage of the float chains (numcodecs.PCodec; pcaKsS+pco is in COMPACT_CHAINS)
+PCO_CHAINS = ["raw+pco", "bitround10+pco", "bitround7+pco"]
 # every registry loss that reads fpn/cls/box; rm reads candidate scores only (stored exactly)
 METHODS = ("mse", "cosine", "ssim", "cskd", "pfi", "crosskd")
 LIVE_TARGETS = ["fpn", "cls", "box", "candidates", "tower_stats"]
@@ -85,7 +92,9 @@ def chains_for(family: str) -> list[str]:
     """The old chains that apply to `family`, then the issue-9 chains of its own transforms."""
     base = family.split(" ")[0]
     old = [c for c in CODEC_CHAINS_FOR_BENCH if applicable(base, c)]
-    return old + [c for c in COMPACT_CHAINS if parse_chain(c).transform in FAMILY_TRANSFORMS.get(base, ())]
+    new = [c for c in COMPACT_CHAINS if parse_chain(c).transform in FAMILY_TRANSFORMS.get(base, ())
+           and (parse_chain(c).transform != "sz" or importlib.util.find_spec("pysz"))]  # sz: optional extra
+    return old + (PCO_CHAINS if base == "fpn" else []) + new
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -144,11 +144,13 @@ def decode_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> D
     return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: decode(rec.blobs[n]) for n in names})
 
 
-def unpack_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> DecodedRecord:
+def unpack_record(rec: EncodedRecord, targets: Iterable[str] | None = None,
+                  defer_delta: bool = False) -> DecodedRecord:
     """Lossless stage only: arrays are `CompactArray`s (parts as stored), for decoding on the
-    training device (`stages.distill.device_decode`)."""
+    training device (`stages.distill.device_decode`); `defer_delta`: see `stores.codecs.unpack`."""
     names = select_names(rec.blobs, targets)
-    return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: unpack(rec.blobs[n]) for n in names})
+    return DecodedRecord(rec.image_id, rec.view, dict(rec.meta),
+                         {n: unpack(rec.blobs[n], defer_delta) for n in names})
 
 
 # config-level target names (CacheParams.targets, KDLosses.needs()) -> record families
@@ -425,12 +427,13 @@ class CacheReader(ABC):
         """The stored blobs of one record (all, or those selected by target names / families)."""
 
     def get(self, image_id: int, view: str, targets: Iterable[str] | None = None,
-            compact: bool = False) -> DecodedRecord:
+            compact: bool = False, defer_delta: bool = False) -> DecodedRecord:
         """One record, decoded to numpy maps (the reference decode), or with ``compact=True`` only
-        unpacked (lossless stage): arrays are `CompactArray`s for decoding on the training device."""
+        unpacked (lossless stage): arrays are `CompactArray`s for decoding on the training device
+        (``defer_delta``: index parts stay delta-coded for the device's cumsum, `stores.codecs.unpack`)."""
         rec = self.get_encoded(image_id, view, targets)
         try:
-            return unpack_record(rec) if compact else decode_record(rec)
+            return unpack_record(rec, defer_delta=defer_delta) if compact else decode_record(rec)
         except BlobDecodeError as err:
             raise StoreReadError(
                 f"image {image_id} view {view}: a stored blob does not decode ({err}) in "

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "zfp")
-HOST_TRANSFORMS = ("zfp",)  # computed by `pack` on the host (no torch encoder / decoder)
+TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "pcas", "zfp", "sz")
+HOST_TRANSFORMS = ("zfp", "sz")  # computed by `pack` on the host (no torch encoder / decoder)
 INDEXED = ("sparse", "topk", "mask")  # transforms whose "idx" part is delta-filtered
-LOSSLESS = ("zstd", "blosc", "none")
+LOSSLESS = ("zstd", "blosc", "pco", "none")  # pco: pcodec (numcodecs.PCodec), 16-bit+ parts
 
 CODEC_CHAINS_FOR_BENCH = [
     "raw+none",
@@ -36,14 +36,14 @@ CODEC_CHAINS_FOR_BENCH = [
 _VALID_FORMS = (
     "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
     "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), maskT (0 <= T <= 1), "
-    "pcaK (K >= 1), zfpT (T > 0) and lossless one of zstd, blosc, none; e.g. 'fp16+zstd', "
-    "'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca32+zstd'"
+    "pcaK (K >= 1), pcaKsS (K >= 1, S > 0), zfpT (0 < T < 1), szT (0 < T < 1) and lossless one of zstd, blosc, "
+    "pco, none; e.g. 'fp16+zstd', 'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca64s0.3+pco'"
 )
 
 @dataclass(frozen=True)
 class CodecChain:
-    """A parsed chain. ``param`` is N for bitround, T for sparse / mask / zfp, K for pca, (K, F)
-    for topk, None otherwise."""
+    """A parsed chain. ``param`` is N for bitround, T for sparse / mask / zfp / sz, K for pca, (K, F)
+    for topk, (K, S) for pcas (written pcaKsS), None otherwise."""
 
     transform: str
     lossless: str
@@ -54,12 +54,14 @@ class CodecChain:
         """Canonical string form (``parse_chain(c.spec) == c``)."""
         if self.transform == "bitround":
             head = f"bitround{self.param}"
-        elif self.transform in ("sparse", "mask", "zfp"):
+        elif self.transform in ("sparse", "mask", "zfp", "sz"):
             head = f"{self.transform}{self.param:g}"
         elif self.transform == "pca":
             head = f"pca{self.param}"
         elif self.transform == "topk":
             head = f"topk{self.param[0]}f{self.param[1]:g}"
+        elif self.transform == "pcas":
+            head = f"pca{self.param[0]}s{self.param[1]:g}"
         else:
             head = self.transform
         return f"{head}+{self.lossless}"
@@ -79,6 +81,8 @@ _RE_TOPK = re.compile(r"^topk(\d+)f" + _NUM + "$")
 _RE_MASK = re.compile(r"^mask" + _NUM + "$")
 _RE_ZFP = re.compile(r"^zfp" + _NUM + "$")
 _RE_PCA = re.compile(r"^pca(\d+)$")
+_RE_PCAS = re.compile(r"^pca(\d+)s" + _NUM + "$")
+_RE_SZ = re.compile(r"^sz" + _NUM + "$")
 
 
 def parse_chain(spec: str | CodecChain) -> CodecChain:
@@ -109,7 +113,7 @@ def parse_chain(spec: str | CodecChain) -> CodecChain:
 
 
 def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
-    """The issue-9 transforms (topk, mask, pca, zfp)."""
+    """The issue-9 transforms (topk, mask, pca, pcas, zfp, sz)."""
     m = _RE_TOPK.match(head)
     if m:
         k, f = int(m.group(1)), float(m.group(2))
@@ -128,6 +132,18 @@ def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
         if k < 1:
             raise ValueError(f"bad codec chain {spec!r}: pca keeps K >= 1 components, got {k}")
         return CodecChain("pca", lossless, k)
+    m = _RE_PCAS.match(head)
+    if m:
+        k, s = int(m.group(1)), float(m.group(2))
+        if k < 1 or not 0.0 < s < 1e3:
+            raise ValueError(f"bad codec chain {spec!r}: pcaKsS needs K >= 1 and 0 < S < 1000, got K={k}, S={s}")
+        return CodecChain("pcas", lossless, (k, s))
+    m = _RE_SZ.match(head)
+    if m:
+        t = float(m.group(1))
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"bad codec chain {spec!r}: sz error bound (relative to max|x|) must be in (0, 1)")
+        return CodecChain("sz", lossless, t)
     m = _RE_ZFP.match(head)
     if m:
         t = float(m.group(1))

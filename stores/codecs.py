@@ -37,7 +37,8 @@ sparseT        idx: uint32, [M]; val: float16, [M]. For maps of probabilities in
 u8p            q: uint8, S. ``round(clip(x, 0, 1) * 255)``; decoded ``q / 255`` (abs error <= 1/510).
 topkKfF        class maps: per-anchor top-K classes >= F, logit-domain uint8, explicit background;
 maskT          box maps only at cells whose class score >= T; pcaK: per-level channel PCA + int8;
-zfpT           ZFP fixed accuracy T * max|x|. See `stores.transforms` for their parts and rules.
+pcaKsS         per-level channel PCA, one quantiser step S * rms per level, int16 codes;
+zfpT, szT      ZFP / SZ3 with error bound T * max|x|. See `stores.transforms` for parts and rules.
 =============  =====================================================================================
 
 ``prepare(x, chain, classes=..., score=...)``: ``classes`` (the teacher's class count) groups a
@@ -53,39 +54,25 @@ Decoded arrays are float32 for every lossy transform, and the original dtype for
 Non-float arrays (labels, indices, offsets) are always stored exactly: ``encode`` forces the
 transform to ``raw`` for them and keeps the chain's lossless stage.
 
-Lossless stages, applied to each part separately (so blosc's byte shuffle sees the part's own
-item size): ``zstd`` = numcodecs.Zstd(level=9, checksum=True) (a frame checksum, so a corrupt
-blob fails to decode instead of decoding to garbage; level 9, not 3: 4.5 % smaller records of a
-trained teacher at 800x1344 for ~45 ms more encoding per record on a stage-1 encoder thread, and
-no slower to decode), ``blosc`` = numcodecs.Blosc(cname="zstd",
-clevel=3, shuffle=SHUFFLE), ``none``. A part that the stage does not make smaller (e.g. the tiny
-``scale`` vector) is stored as is; the header says which per part, with a ``crc32`` (zlib) of
-such a part's bytes, checked on decode (blobs without the key, older ones, still decode).
-
-Blob framing (no pickle): a msgpack map (``use_bin_type``)::
-
-    {"format": "kdcache-blob", "version": 1, "chain": "<canonical spec>", "shape": [...],
-     "dtype": "<original numpy dtype name>",
-     "parts": {name: {"dtype": "<numpy dtype str, little-endian>", "shape": [...],
-                      "filter": "none" | "delta", "codec": "zstd" | "blosc" | "none", "bytes": <bin>}}}
-
-``filter`` "delta" (used for sparse ``idx`` when a lossless stage follows) stores
-``diff(idx, prepend=0)`` in uint32 arithmetic (exact modulo 2**32, decoded by a uint32
-cumsum): ascending indices become small numbers that zstd compresses ~3x better. It is part of
-the lossless stage: callers of ``pack`` still pass the plain indices.
+The lossless stage (zstd / blosc / pco / none, applied to each part, and the checksums it stores)
+is `stores.lossless`; the blob framing (a msgpack map, no pickle), the delta filter and the parts
+each transform must produce (checked by `pack` and `unpack`) are `stores.blob_schema`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import msgpack
-import numcodecs
 import numpy as np
 
 from stores import transforms
+from stores.blob_schema import BLOB_FORMAT, BLOB_VERSION, BlobDecodeError, _check_parts, _header
 from stores.chains import (  # noqa: F401  (re-exported: the chain grammar is part of the codec API)
     CODEC_CHAINS_FOR_BENCH,
     HOST_TRANSFORMS,
@@ -96,17 +83,17 @@ from stores.chains import (  # noqa: F401  (re-exported: the chain grammar is pa
     effective_chain,
     parse_chain,
 )
-
-BLOB_FORMAT = "kdcache-blob"
-BLOB_VERSION = 1
-
-_ZSTD = numcodecs.Zstd(level=9, checksum=True)
-_BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-
-
-class BlobDecodeError(ValueError):
-    """A blob is not a valid kdcache blob (corrupt, truncated or foreign bytes)."""
-
+from stores.lossless import (  # noqa: F401  (re-exported: callers import them from stores.codecs)
+    _SMALL_PART,
+    _ZSTD,
+    _compress,
+    _decompress,
+    _pcodec,
+    _zstandard,
+    _zstd_content_size,
+    _zstd_small,
+    require_libraries,
+)
 
 # --------------------------------------------------------------------------------------------
 # transforms
@@ -172,102 +159,13 @@ def prepare(array: np.ndarray, chain: CodecChain | str, classes: int | None = No
         return transforms.mask_prepare(x32, float(chain.param), score)
     if t == "pca":
         return transforms.pca_prepare(x32, int(chain.param))
+    if t == "pcas":
+        return transforms.pcas_prepare(x32, int(chain.param[0]), float(chain.param[1]))
     if t == "zfp":
         return transforms.zfp_prepare(x32, float(chain.param))
+    if t == "sz":
+        return transforms.sz_prepare(x32, float(chain.param))
     raise AssertionError(t)  # pragma: no cover
-
-
-_BY_IDX = ("by idx",)  # marker: a part shaped [C, len(idx)]
-
-
-def _expected_parts(chain: CodecChain, shape: tuple, dtype: np.dtype) -> dict[str, tuple[np.dtype, tuple | None]]:
-    """name -> (dtype, shape or None if 1-d of any length) that `pack` accepts for `chain`."""
-    t = chain.transform
-    if t == "raw":
-        return {"data": (dtype, shape)}
-    if t == "fp16":
-        return {"data": (np.dtype(np.float16), shape)}
-    if t == "bitround":
-        return {"data": (np.dtype(np.float32), shape)}
-    if t == "int8c":
-        channels = shape[0] if len(shape) else 1
-        return {"q": (np.dtype(np.int8), shape), "scale": (np.dtype(np.float32), (channels,))}
-    if t == "sparse":
-        return {"idx": (np.dtype(np.uint32), None), "val": (np.dtype(np.float16), None)}
-    if t == "u8p":
-        return {"q": (np.dtype(np.uint8), shape)}
-    if t == "topk":
-        c = shape[0] if len(shape) else 1
-        return {"idx": (np.dtype(np.uint32), None), "q": (np.dtype(np.uint8), None),
-                "bgc": (np.dtype(np.float32), (c,)), "bgs": (np.dtype(np.float16), (int(np.prod(shape[1:])),))}
-    if t == "mask":  # q is [C, M]: checked against idx in pack
-        c = shape[0] if len(shape) else 1
-        return {"idx": (np.dtype(np.uint32), None), "q": (np.dtype(np.int8), _BY_IDX), "scale": (np.dtype(np.float32), (c,))}
-    if t == "pca":  # K' = min(K, C)
-        c = shape[0] if len(shape) else 1
-        k = min(int(chain.param), c)
-        return {"basis": (np.dtype(np.float16), (c, k)), "mean": (np.dtype(np.float32), (c,)),
-                "q": (np.dtype(np.int8), (k,) + tuple(shape[1:])), "scale": (np.dtype(np.float32), (k,))}
-    if t == "zfp":
-        return {"data": (np.dtype(np.uint8), None)}
-    raise AssertionError(t)  # pragma: no cover
-
-
-def _compress(part: np.ndarray, lossless: str) -> tuple[str, bytes]:
-    raw = part.tobytes()
-    if lossless == "none" or part.nbytes == 0:
-        return "none", raw
-    data = _ZSTD.encode(raw) if lossless == "zstd" else _BLOSC.encode(part)
-    data = bytes(data)
-    if len(data) >= len(raw):
-        return "none", raw
-    return lossless, data
-
-
-def _zstd_content_size(frame: bytes) -> int | None:
-    """Frame_Content_Size from a zstd frame header (RFC 8878 §3.1.1.1), None if absent or not a frame.
-    numcodecs checks a frame against its own size but accepts an output buffer larger than that."""
-    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
-        return None
-    fhd = frame[4]
-    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
-    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    start = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
-    if size == 0 or len(frame) < start + size:
-        return None
-    value = int.from_bytes(frame[start : start + size], "little")
-    return value + 256 if size == 2 else value
-
-
-def _decompress(codec: str, data: bytes) -> bytes:
-    if codec == "none":
-        return data
-    if codec == "zstd":
-        return bytes(_ZSTD.decode(data))
-    if codec == "blosc":
-        return bytes(_BLOSC.decode(data))
-    raise BlobDecodeError(f"unknown lossless codec {codec!r} in blob")
-
-
-def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, err=ValueError) -> None:
-    """Names, dtypes and shapes of `parts` against what `chain` produces for `shape`/`dtype`."""
-    expected = _expected_parts(chain, shape, dtype)
-    if set(parts) != set(expected):
-        raise err(f"{chain.spec}: parts {sorted(parts)} do not match the chain's parts {sorted(expected)}")
-    for name, (want_dtype, want_shape) in expected.items():
-        p = parts[name]
-        if p.dtype != want_dtype:
-            raise err(f"{chain.spec}: part {name!r} has dtype {p.dtype}, expected {want_dtype}")
-        if want_shape is _BY_IDX:  # mask q: [C, len(idx)]
-            want_shape = (shape[0] if len(shape) else 1, len(parts["idx"]))
-        if want_shape is not None and tuple(p.shape) != want_shape:
-            raise err(f"{chain.spec}: part {name!r} has shape {tuple(p.shape)}, expected {want_shape}")
-        if want_shape is None and p.ndim != 1:
-            raise err(f"{chain.spec}: part {name!r} must be 1-d, got shape {tuple(p.shape)}")
-    if chain.transform in ("sparse", "topk"):
-        other = "val" if chain.transform == "sparse" else "q"
-        if len(parts["idx"]) != len(parts[other]):
-            raise err(f"{chain.spec}: idx and {other} lengths differ")
 
 
 def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dtype: str | np.dtype) -> bytes:
@@ -294,9 +192,18 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
             p = np.diff(p, prepend=np.uint32(0)).astype("<u4") if p.size else p
             filt = "delta"
         codec, data = _compress(p, chain.lossless)
+        if chain.transform == "int8c" and name == "q" and codec == "zstd":
+            # a dense map's neighbouring cells are close: int8 differences in C order (wrapping mod 256,
+            # exact) compress ~18 % smaller under zstd on box maps; kept only where they are smaller
+            d = np.diff(p.reshape(-1), prepend=np.int8(0)).reshape(p.shape)
+            codec_d, data_d = _compress(d, chain.lossless)
+            if codec_d == "zstd" and len(data_d) < len(data):
+                p, filt, codec, data = d, "delta", codec_d, data_d
         out[name] = {"dtype": p.dtype.str, "shape": list(p.shape), "filter": filt, "codec": codec, "bytes": data}
         if codec == "none":  # stored as is (e.g. a tiny scale vector): no zstd frame checksum guards it
             out[name]["crc32"] = zlib.crc32(data)
+        elif codec == "pco":  # pcodec streams carry no checksum: the decoded bytes are checked instead
+            out[name]["crc32c"] = google_crc32c.value(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
     header = {
         "format": BLOB_FORMAT,
         "version": BLOB_VERSION,
@@ -314,24 +221,6 @@ def encode(array: np.ndarray, chain: CodecChain | str, classes: int | None = Non
     x = np.asarray(array)
     eff = effective_chain(x, chain)
     return pack(prepare(x, eff, classes=classes, score=score), eff, x.shape, x.dtype)
-
-
-def _header(blob: bytes | dict) -> dict:
-    if isinstance(blob, dict):  # e.g. a webdataset pipeline that already msgpack-decoded the member
-        header = blob
-    else:
-        try:
-            header = msgpack.unpackb(blob, raw=False)
-        except Exception as err:  # msgpack raises several unrelated types
-            raise BlobDecodeError(f"not a msgpack blob ({type(err).__name__}: {err})") from None
-    if not isinstance(header, dict) or header.get("format") != BLOB_FORMAT:
-        raise BlobDecodeError("not a kdcache blob (missing format tag)")
-    if header.get("version") != BLOB_VERSION:
-        raise BlobDecodeError(
-            f"blob format version {header.get('version')!r}, this code reads version {BLOB_VERSION}: "
-            "rebuild the cache with python -m pipeline.cache_teacher"
-        )
-    return header
 
 
 def blob_info(blob: bytes | dict) -> dict:
@@ -375,47 +264,115 @@ class CompactArray:
                             {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in self.parts.items()})
 
 
-def unpack(blob: bytes | dict) -> CompactArray:
-    """Lossless stage + framing only: blob -> CompactArray (raises BlobDecodeError on bad bytes)."""
+DELTA_SUFFIX = ".delta"  # a part handed on still delta-coded: `unpack(..., defer_delta=True)`
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype(s: str) -> np.dtype:
+    return np.dtype(s)  # np.dtype(str) costs ~2 us; a record has ~100 parts
+
+
+@functools.lru_cache(maxsize=256)
+def _chain(spec: str) -> CodecChain:
+    return parse_chain(spec)
+
+
+def undelta(parts: dict) -> dict:
+    """Parts with every ``<name>.delta`` part (uint32 differences, see `unpack`'s `defer_delta`)
+    replaced by ``<name>``: the indices, by the reference's uint32 cumsum (a new array)."""
+    if not any(k.endswith(DELTA_SUFFIX) for k in parts):
+        return parts
+    out = {}
+    for k, v in parts.items():
+        if k.endswith(DELTA_SUFFIX):
+            d = np.asarray(v)
+            out[k[: -len(DELTA_SUFFIX)]] = np.cumsum(d, dtype=d.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def _deltas_in_range(d: np.ndarray, n: int) -> bool:
+    """True if the running sums of the uint32 differences `d` stay below `n` (<= 2**31) without
+    wrapping, so their int64 cumsum (on the device) is exactly the reference's uint32 cumsum and
+    every index is < n. The exact sum is bounded first by d[0] + max(d[1:]) * (len - 1): dense
+    indices (differences of 1) pass without summing."""
+    if d.size == 0:
+        return True
+    first = int(d[0])
+    if d.size == 1:
+        return first < n
+    if first + int(d[1:].max()) * (d.size - 1) < n:
+        return True
+    return int(d.sum(dtype=np.uint64)) < n
+
+
+def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
+    """Lossless stage + framing only: blob -> CompactArray (raises BlobDecodeError on bad bytes).
+
+    ``defer_delta=True`` (the loader's hot path): a delta-filtered index part is handed on as the
+    uint32 differences under ``<name>.delta`` and the training device does the cumsum
+    (`stages.distill.device_decode`; `decode_compact` / `undelta` do it in numpy), which saves the
+    worker a pass over the largest part. Its range is still checked here (`_deltas_in_range`); a
+    part that fails that bound falls back to the host cumsum and the reference check."""
     h = _header(blob)
     try:
-        chain = parse_chain(h["chain"])
+        chain = _chain(h["chain"])
         shape = tuple(int(s) for s in h["shape"])
-        dtype = np.dtype(h["dtype"])
+        dtype = _dtype(h["dtype"])
         parts = {}
+        deferred = None
         for name, p in h["parts"].items():
-            dt = np.dtype(p["dtype"])
+            dt = _dtype(p["dtype"])
             pshape = tuple(int(s) for s in p["shape"])
-            n = int(np.prod(pshape)) if pshape else 1
-            if p["codec"] == "zstd" and _zstd_content_size(p["bytes"]) == n * dt.itemsize:
-                # straight into a writable buffer of the expected size, no copy after it (the loader's
-                # hot path); the frame's own size is checked first: numcodecs accepts a larger buffer
-                buf = np.empty(n * dt.itemsize, dtype=np.uint8)
-                _ZSTD.decode(p["bytes"], out=buf)
-                data = buf
+            nbytes = math.prod(pshape) * dt.itemsize
+            codec, raw = p["codec"], p["bytes"]
+            if codec == "zstd" and _zstd_content_size(raw) == nbytes:
+                if nbytes < _SMALL_PART and _zstandard is not None:
+                    data = _zstd_small(raw)
+                else:
+                    # straight into a writable buffer of the expected size, no copy after it (the loader's
+                    # hot path); the frame's own size is checked first: numcodecs accepts a larger buffer
+                    data = np.empty(nbytes, dtype=np.uint8)
+                    _ZSTD.decode(raw, out=data)
+            elif codec == "pco":  # pcodec hands back a writable array: its bytes as they are, no copies
+                data = np.ascontiguousarray(_pcodec().decode(raw)).reshape(-1).view(np.uint8)
             else:
-                data = _decompress(p["codec"], p["bytes"])
+                data = _decompress(codec, raw)
             if "crc32" in p and zlib.crc32(data) != p["crc32"]:
                 raise BlobDecodeError(f"part {name!r} fails its crc32 (damaged bytes)")
-            if len(data) != n * dt.itemsize:
+            if "crc32c" in p and google_crc32c.value(data) != p["crc32c"]:  # pco parts (hardware crc32c)
+                raise BlobDecodeError(f"part {name!r} fails its crc32c (damaged bytes)")
+            if len(data) != nbytes:
                 raise BlobDecodeError(f"part {name!r}: {len(data)} bytes for shape {pshape} of {dt}")
+            # native order and writable (frombuffer views of bytes are read-only): torch.from_numpy
+            # can share them, a DataLoader can pin them
             arr = np.frombuffer(data, dtype=dt).reshape(pshape)
+            if not dt.isnative:
+                arr = arr.astype(dt.newbyteorder("="))
+            elif not arr.flags.writeable:
+                arr = arr.copy()
             filt = p.get("filter", "none")
             if filt == "delta":
-                if not arr.flags.writeable:
-                    arr = arr.copy()
-                arr = np.cumsum(arr, dtype=dt, out=arr)  # in place: no second index-sized array
+                if defer_delta and deferred is None and arr.ndim == 1:
+                    deferred = name
+                else:  # in place, in C order (an int8c map's q too): no second part-sized array
+                    np.cumsum(arr.reshape(-1), dtype=arr.dtype, out=arr.reshape(-1))
             elif filt != "none":
                 raise BlobDecodeError(f"unknown filter {filt!r} on part {name!r}")
-            # native order and writable (frombuffer views are read-only): torch.from_numpy can
-            # share them, a DataLoader can pin them
-            arr = arr.astype(dt.newbyteorder("="), copy=False)
-            parts[name] = arr if arr.flags.writeable else arr.copy()
+            parts[name] = arr
         _check_parts(parts, chain, shape, dtype, BlobDecodeError)
         if chain.transform in INDEXED and parts["idx"].size:
-            n = int(np.prod(shape[1:] if chain.transform == "mask" else shape))  # mask: cell indices
-            if int(parts["idx"].max()) >= n:
-                raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
+            n = math.prod(shape[1:] if chain.transform == "mask" else shape)  # mask: cell indices
+            if deferred == "idx" and n <= 2**31 and _deltas_in_range(parts["idx"], n):
+                parts[deferred + DELTA_SUFFIX] = parts.pop(deferred)
+            else:
+                if deferred is not None:
+                    parts[deferred] = np.cumsum(parts[deferred], dtype=parts[deferred].dtype, out=parts[deferred])
+                if int(parts["idx"].max()) >= n:
+                    raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
+        elif deferred is not None:
+            parts[deferred] = np.cumsum(parts[deferred], dtype=parts[deferred].dtype, out=parts[deferred])
     except BlobDecodeError:
         raise
     except Exception as err:  # corrupt header fields, failed decompression, bad shapes
@@ -426,7 +383,8 @@ def unpack(blob: bytes | dict) -> CompactArray:
 def decode_compact(c: CompactArray) -> np.ndarray:
     """The numpy reference dequantise / scatter: float32 for lossy chains, else the original dtype."""
     chain = parse_chain(c.chain)
-    parts = {k: np.asarray(v) for k, v in c.parts.items()}  # CPU tensors (a loader's) are read in place
+    # CPU tensors (a loader's) are read in place; parts handed on still delta-coded get their cumsum
+    parts = undelta({k: np.asarray(v) for k, v in c.parts.items()})
     shape, t = tuple(c.shape), chain.transform
     try:
         if t == "raw":
@@ -443,13 +401,17 @@ def decode_compact(c: CompactArray) -> np.ndarray:
         if t == "u8p":
             return parts["q"].astype(np.float32) / np.float32(255.0)
         if t == "topk":
-            return transforms.topk_decode(parts, shape, chain.param[1])
+            return transforms.topk_decode(parts, shape, chain.param[1], chain.param[0])
         if t == "mask":
             return transforms.mask_decode(parts, shape)
         if t == "pca":
             return transforms.pca_decode(parts, shape)
+        if t == "pcas":
+            return transforms.pcas_decode(parts, shape)
         if t == "zfp":
             return transforms.zfp_decode(parts, shape)
+        if t == "sz":
+            return transforms.sz_decode(parts, shape)
     except Exception as err:
         raise BlobDecodeError(f"corrupt blob ({type(err).__name__}: {err})") from None
     raise BlobDecodeError(f"unknown transform in chain {c.chain!r}")  # pragma: no cover

@@ -22,19 +22,19 @@ webdataset-decoded values). Tars are written with Python's tarfile, with fixed m
 index built by scanning the tar headers when a sidecar is missing). A truncated or corrupt shard
 raises StoreReadError naming the shard file and the fix: delete it and rerun cache_teacher,
 which rewrites that block only.
+
+The streaming side (member names, sidecar checks, the offset-based sample reader `shard_samples`,
+`verify_sample`, `decode_sample`) is `stores.wds_shards`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import google_crc32c  # zarr's crc32c implementation (hardware crc32c: ~10 GB/s against sha256's ~1.5)
 
 from stores.base import (
     REBUILD,
@@ -48,155 +48,26 @@ from stores.base import (
     record_key,
     remove_path,
     select_names,
-    unpack_record,
 )
 from stores.codecs import BlobDecodeError
 from stores.manifest import CacheMismatchError, atomic_write_bytes
+from stores.wds_shards import (  # noqa: F401  (re-exported: callers import them from stores.wds_store)
+    BLOB_SUFFIX,
+    META_MEMBER,
+    _block_of,
+    _member_ok,
+    decode_sample,
+    iter_shard_samples,
+    member_crcs,
+    parse_key,
+    sample_to_record,
+    shard_path,
+    shard_samples,
+    sidecar_path,
+    verify_sample,
+)
 
 SUBDIR = "wds"
-META_MEMBER = "meta.json"
-BLOB_SUFFIX = ".msgpack"
-
-
-def shard_path(store: Path, block: int) -> Path:
-    return store / f"shard-{block:06d}.tar"
-
-
-def sidecar_path(store: Path, block: int) -> Path:
-    return store / f"shard-{block:06d}.json"
-
-
-def _block_of(path: Path) -> int | None:
-    stem = path.name.split(".", 1)[0]
-    try:
-        return int(stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return None
-
-
-def parse_key(key: str) -> tuple[int, str]:
-    image, _, view = key.partition("_")
-    return int(image), view
-
-
-def sample_to_record(sample: dict) -> EncodedRecord:
-    """A webdataset sample dict ({"__key__", "meta.json", "<target>.msgpack", ...}) -> EncodedRecord.
-
-    Values may be raw bytes (no ``.decode()`` in the pipeline; recommended) or already decoded by
-    webdataset's default handlers (dict); `stores.codecs.decode` accepts both forms.
-    """
-    image_id, view = parse_key(sample["__key__"].rsplit("/", 1)[-1])
-    meta = sample[META_MEMBER]
-    if isinstance(meta, bytes | bytearray):
-        meta = json.loads(meta)
-    blobs = {k[: -len(BLOB_SUFFIX)]: v for k, v in sample.items() if k.endswith(BLOB_SUFFIX)}
-    return EncodedRecord(image_id, view, dict(meta), blobs)
-
-
-_SIDECARS: dict[str, tuple[tuple, dict, dict]] = {}  # shard path -> ((size, mtime), sidecar, key -> digests)
-
-
-def _stream_digests(url: str) -> tuple[dict, dict]:
-    """(sidecar, record key -> digest entry) of the shard at `url`, checked once per process:
-    the sidecar exists and the tar has the size it records (a truncated shard is named here)."""
-    path = Path(url)
-    try:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
-        stamp = (-1, 0)
-    hit = _SIDECARS.get(url)
-    if hit is not None and hit[0] == stamp:  # a shard rewritten by a repair run is checked afresh
-        return hit[1], hit[2]
-    block = _block_of(path)
-    fix = f"delete it and rerun {REBUILD} to rewrite this block"
-    side_path = sidecar_path(path.parent, block) if block is not None else None
-    try:
-        side = json.loads(side_path.read_text()) if side_path is not None else None
-    except (OSError, ValueError):
-        side = None
-    if not side or "records" not in side:
-        raise StoreReadError(f"shard {path} has no readable checksum sidecar ({side_path}); {fix}")
-    size = stamp[0]
-    if size != side.get("tar_bytes"):
-        raise StoreReadError(f"shard {path} is truncated or damaged ({size} bytes, {side.get('tar_bytes')} "
-                             f"written); {fix}")
-    index = {record_key(r["image_id"], r["view"]): r for r in side["records"]}
-    if len(_SIDECARS) > 64:  # a worker streams a few shards at a time
-        _SIDECARS.clear()
-    _SIDECARS[url] = (stamp, side, index)
-    return side, index
-
-
-def member_crcs(meta: bytes, blobs: dict[str, bytes]) -> dict:
-    """The crc32c of a record's meta and blob members, stored in the sidecar beside their sha256.
-
-    Why: streaming checks every member of every sample; sha256 of 1.5 MB took about a third of a
-    worker's time per record, crc32c ~20x less. A crc32c catches every error burst of up to 32 bits
-    (so any flipped byte) in a member; the sha256 stays for `stores.verify`."""
-    return {"meta_crc32c": google_crc32c.value(meta),
-            "crc32c": {n: google_crc32c.value(b) for n, b in sorted(blobs.items())}}
-
-
-def _member_ok(digest: dict, name: str | None, data: bytes) -> tuple[bool, str]:
-    """(data matches the sidecar, the checksum used) for member `name` (None: the meta). crc32c
-    where the sidecar has it, sha256 for shards written before it did."""
-    if "crc32c" in digest:
-        want = digest["meta_crc32c"] if name is None else digest["crc32c"].get(name)
-        return google_crc32c.value(data) == want, "crc32c"
-    want = digest["meta_sha256"] if name is None else digest["sha256"].get(name)
-    return hashlib.sha256(data).hexdigest() == want, "sha256"
-
-
-def verify_sample(sample: dict, targets: Iterable[str] | None = None) -> None:
-    """Check a streamed sample against its shard's sidecar, as the Zarr reader and verify do: its
-    meta and every selected blob have the checksum recorded at write time (crc32c; sha256 in older
-    shards) and no member is missing.
-    Raises StoreReadError naming the shard and the member. Samples without ``__url__`` (built by
-    hand, not streamed from a shard) have nothing to be checked against and pass."""
-    url = sample.get("__url__")
-    if url is None:
-        return
-    _, index = _stream_digests(str(url))
-    key = str(sample.get("__key__", "")).rsplit("/", 1)[-1]
-    fix = f"delete that shard and rerun {REBUILD} to rewrite its block"
-    digest = index.get(key)
-    if digest is None:
-        raise StoreReadError(f"shard {url}: sample {key} is not listed in its sidecar (damaged); {fix}")
-    meta = sample.get(META_MEMBER)
-    if not isinstance(meta, bytes | bytearray) or not _member_ok(digest, None, meta)[0]:
-        raise StoreReadError(f"shard {url}: member {key}.{META_MEMBER} is missing or fails its checksum; {fix}")
-    for name in select_names(digest["sha256"], targets):
-        blob = sample.get(name + BLOB_SUFFIX)
-        if not isinstance(blob, bytes | bytearray):
-            raise StoreReadError(f"shard {url}: member {key}.{name}{BLOB_SUFFIX} is missing; {fix}")
-        ok, kind = _member_ok(digest, name, blob)
-        if not ok:
-            raise StoreReadError(f"shard {url}: member {key}.{name}{BLOB_SUFFIX} fails its {kind} checksum "
-                                 f"(the shard is damaged); {fix}")
-
-
-def decode_sample(sample: dict, targets: Iterable[str] | None = None, compact: bool = False,
-                  verify: bool = True) -> DecodedRecord:
-    """A webdataset sample of a cache shard -> DecodedRecord (rec["meta"], rec["arrays"]).
-
-    For ``webdataset.WebDataset(reader.shard_paths())`` pipelines (raw bytes: no ``.decode()``).
-    With `verify` (default) the sample is checked against its shard's sidecar checksums first
-    (`verify_sample`). ``compact=True`` only undoes the lossless stage: arrays are `CompactArray`s
-    for decoding on the training device. Raises StoreReadError naming the sample and its shard if
-    it is incomplete or corrupt.
-    """
-    where = sample.get("__url__", "a cache shard")
-    if verify:
-        verify_sample(sample, targets)
-    try:
-        rec = sample_to_record(sample)
-        return unpack_record(rec, targets) if compact else decode_record(rec, targets)
-    except (KeyError, ValueError) as err:  # BlobDecodeError is a ValueError
-        raise StoreReadError(
-            f"sample {sample.get('__key__')} of {where} is incomplete or corrupt ({err}); delete that shard "
-            f"and rerun {REBUILD} to rewrite its block"
-        ) from None
 
 
 def _end_marker_ok(path: Path, members: list[tuple[int, int]]) -> bool:

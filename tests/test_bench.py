@@ -238,3 +238,27 @@ def test_views_summary_states_the_disk_ratio_and_ap_difference():
     text = views.summary_md(result)
     assert "disk(4)/disk(2) = 0.5" in text and "AP(4) - AP(2) = +1" in text
     assert len(views.FOUR_VIEWS) >= 4 and len({(v["min_size"], v["flip"]) for v in views.FOUR_VIEWS}) == 4
+
+
+def test_views_compare_pairs_seeds_and_says_when_the_difference_is_seed_noise():
+    import statistics
+
+    from bench import views
+
+    def side(aps, disk):
+        runs = {str(s): {"AP": ap} for s, ap in zip((0, 1, 2), aps)}
+        return {"disk_bytes": disk, "runs": runs, "AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps)}
+
+    two, four = side([3.0, 4.0, 5.0], 2e6), side([3.5, 4.0, 5.5], 1.5e6)
+    out = views.compare(two, four, [0, 1, 2])
+    assert out["disk_ratio_4_over_2"] == pytest.approx(0.75)
+    assert out["AP_delta_per_seed"] == pytest.approx({"0": 0.5, "1": 0.0, "2": 0.5})
+    assert out["AP_delta_4_minus_2"] == pytest.approx(1 / 3)
+    se = ((1.0 ** 2 + statistics.stdev([3.5, 4.0, 5.5]) ** 2) / 3) ** 0.5
+    assert out["AP_delta_se"] == pytest.approx(se) and out["AP_delta_within_noise"] is True
+    assert out["AP_delta_spread"]["std"] == pytest.approx(statistics.stdev([0.5, 0.0, 0.5]))
+    assert out["goal_met"] == {"disk": True, "AP": True}
+    far = views.compare(two, side([8.0, 9.0, 10.0], 3e6), [0, 1, 2])
+    assert far["AP_delta_within_noise"] is False and far["goal_met"] == {"disk": False, "AP": True}
+    one = views.compare(dict(two, AP_std=0.0), dict(four, AP_std=0.0), [0])
+    assert one["AP_delta_within_noise"] is None and one["AP_delta_per_seed"] == pytest.approx({"0": 0.5})

@@ -75,6 +75,18 @@ def test_device_decode_equals_reference_bit_for_bit(spec):
     np.testing.assert_array_equal(dev.numpy(), ref)
 
 
+def test_device_decode_of_capped_and_legacy_topk_equals_reference():
+    # full groups (top-k drops above-floor classes: the per-group cap) and a legacy blob (floor cap)
+    x = (0.2 * (1 + RNG.random(CLS.shape))).astype(np.float32)
+    x[:, 3:6] = CLS[:, 3:6]  # some cells with fewer than K classes above the floor
+    for k in (1, 3, CLASSES):
+        parts = prepare(x, f"topk{k}f0.01+zstd", classes=CLASSES)
+        legacy = {n: v for n, v in parts.items() if n != "classes"}
+        for p in (parts, legacy):
+            blob = pack(p, f"topk{k}f0.01+zstd", x.shape, x.dtype)
+            np.testing.assert_array_equal(decode_on_device(unpack(blob), CPU).numpy(), decode(blob))
+
+
 def test_device_decode_pca_within_float32_matmul_rounding():
     blob = encode(FEAT, "pca5+zstd")
     ref = decode(blob)

@@ -67,3 +67,27 @@ def test_feature_methods_on_faster_rcnn_student(batch):
     terms = kd_step(teacher, student, FEATURE_LEVEL, batch, k)
     assert {n.split("/")[0] for n in terms if n != "kd_total"} == set(FEATURE_LEVEL)
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_cskd_tower_terms_need_no_per_image_tower_record(batch):
+    """CSKD's tower terms run the static teacher head on the cached FPN, so stage 2 must not read the
+    per-image `tower_stats` record for it (26 KB per demo record, 187 KB at COCO shape); CrossKD does."""
+    from stages.distill.run import _targets_for
+
+    batch, k = batch
+    torch.manual_seed(0)
+    teacher = build_detector(ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=16, head_convs=2), k)
+    student = build_detector(ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=8, head_convs=2), k)
+    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels, "head_convs": teacher.head_convs}
+    ctx = loss_context(student, t_arch, k, teacher.box_dim, teacher.has_quality)
+    cskd = build_kd_losses({"cskd": 1.0}, ctx, DistillParams(losses={"cskd": 1.0}))
+    crosskd = build_kd_losses({"crosskd": 1.0}, ctx, DistillParams(losses={"crosskd": 1.0}))
+    assert "head" in cskd.needs() and "tower_stats" not in _targets_for(cskd.needs())
+    assert "tower_stats" in _targets_for(crosskd.needs())
+    # and CSKD (tower terms on) trains from records that hold no tower statistics at all
+    images, sizes, gt = batch["images"], batch["image_sizes"], batch["targets"]
+    _, records = live_records(teacher.eval(), images, sizes, gt, sorted(_targets_for(cskd.needs())))
+    assert not any(key.startswith("tower") for key in records[0])
+    tt = records_to_targets(records, tuple(images.shape[-2:]), teacher.strides, teacher.head, 0)
+    terms = cskd(student(images, sizes, targets=gt), tt, gt)
+    assert any("tower" in name for name in terms) and torch.isfinite(terms["kd_total"])

@@ -114,3 +114,161 @@ def test_unpack_into_buffer_equals_numcodecs_decode():
     q["codec"] = "zstd"
     with pytest.raises(BlobDecodeError):
         unpack(msgpack.packb(header, use_bin_type=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# session 15: index cumsum on the device, sidecar-driven shard reading
+
+
+def _indexed_blobs() -> dict[str, tuple[bytes, np.ndarray]]:
+    """Blobs of the index-carrying chains, dense and sparse, with the kept indices the chain's rule
+    gives (the oracle, computed here with numpy, not by the codec)."""
+    rng = np.random.default_rng(1)
+    probs = rng.random((2 * 3, 20, 28)).astype(np.float32) ** 3  # 2 anchors x 3 classes
+    box = rng.normal(size=(2 * 4, 20, 28)).astype(np.float32)
+    return {
+        "sparse dense": (encode(probs + np.float32(0.01), "sparse0.005+zstd"), np.arange(probs.size)),
+        "sparse": (encode(probs, "sparse0.5+zstd"), np.flatnonzero(probs.ravel() >= np.float32(0.5))),
+        "topk (all kept)": (encode(probs, "topk9f0.0001+zstd", classes=3), None),
+        "topk": (encode(probs, "topk1f0.3+zstd", classes=3), None),
+        "mask": (encode(box, "mask0.4+zstd", score=probs), np.flatnonzero(probs.max(axis=0).ravel() >= np.float32(0.4))),
+    }
+
+
+def test_deferred_delta_decodes_exactly_like_the_reference():
+    import torch
+
+    from stages.distill.device_decode import decode_on_device
+    from stores.codecs import DELTA_SUFFIX, decode, decode_compact, undelta
+
+    for label, (blob, want_idx) in _indexed_blobs().items():
+        ref = unpack(blob)
+        got = unpack(blob, defer_delta=True)
+        assert "idx" not in got.parts and "idx" + DELTA_SUFFIX in got.parts, label
+        deltas = got.parts["idx" + DELTA_SUFFIX]
+        assert deltas.dtype == np.uint32 and deltas.flags.writeable
+        np.testing.assert_array_equal(np.cumsum(deltas.astype(np.int64)), ref.parts["idx"], err_msg=label)
+        if want_idx is not None:
+            np.testing.assert_array_equal(ref.parts["idx"], want_idx, err_msg=label)
+        np.testing.assert_array_equal(undelta(got.parts)["idx"], ref.parts["idx"], err_msg=label)
+        for name in ref.parts.keys() - {"idx"}:
+            np.testing.assert_array_equal(got.parts[name], ref.parts[name], err_msg=label)
+        np.testing.assert_array_equal(decode_compact(got), decode(blob), err_msg=label)
+        dev = decode_on_device(got, torch.device("cpu")).numpy()
+        np.testing.assert_array_equal(dev, decode(blob), err_msg=label)
+
+
+def _sparse_blob(idx: list[int], n: int) -> bytes:
+    """A sparse0.5 blob of an [n] map holding `idx` as written (pack does not check the range)."""
+    from stores.codecs import pack
+
+    idx = np.asarray(idx, dtype=np.uint32)
+    return pack({"idx": idx, "val": np.ones(len(idx), np.float16)}, "sparse0.5+zstd", (n,), np.float32)
+
+
+def test_deferred_delta_still_refuses_out_of_range_and_keeps_odd_indices_exact():
+    n = 1000
+    for idx in ([3, 999, 1000], [1000], [0, 4000000000]):  # past the end, also through uint32 wrap-around
+        blob = _sparse_blob(idx, n)
+        for defer in (False, True):
+            with pytest.raises(BlobDecodeError, match="out of range"):
+                unpack(blob, defer_delta=defer)
+    # descending indices (never written by pack's callers) wrap in uint32: the deferred path gives
+    # the reference's parts (host cumsum), not a delta part the device would sum differently
+    blob = _sparse_blob([500, 7, 9], n)
+    got, ref = unpack(blob, defer_delta=True), unpack(blob)
+    assert set(got.parts) == set(ref.parts) == {"idx", "val"}
+    np.testing.assert_array_equal(got.parts["idx"], [500, 7, 9])
+    np.testing.assert_array_equal(got.parts["idx"], ref.parts["idx"])
+
+
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_shard_samples_equal_webdatasets_samples(tmp_path, with_offsets):
+    from stores.wds_store import iter_shard_samples, shard_samples
+
+    m = make_manifest()
+    w = WdsCacheWriter(tmp_path, m)
+    for b in range(m.num_blocks()):
+        w.write_block(b, block_records(m, b))
+    shards = WdsCacheReader(tmp_path).shard_paths()
+    if not with_offsets:  # a sidecar without member offsets: webdataset's own reader is used
+        side = tmp_path / "wds" / "shard-000000.json"
+        doc = json.loads(side.read_text())
+        del doc["members"]
+        side.write_text(json.dumps(doc))
+    want = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+    got = list(wds.DataPipeline(wds.SimpleShardList(shards), shard_samples))
+    assert len(got) == len(want) == len(m.plan)
+    for g, s in zip(got, want):
+        assert g.keys() - {"__local_path__"} == s.keys() - {"__local_path__"}
+        for k in g.keys() - {"__local_path__"}:
+            assert g[k] == s[k], k
+        rec = decode_sample(g, compact=True, defer_delta=True)
+        assert rec.meta == decode_sample(s).meta
+    # a truncated shard is named before any sample is read
+    path = tmp_path / "wds" / "shard-000001.tar"
+    path.write_bytes(path.read_bytes()[:-700])
+    with pytest.raises(StoreReadError, match="shard-000001.tar is truncated"):
+        list(iter_shard_samples(path))
+
+
+def test_shard_samples_refuse_every_flipped_byte_of_a_member(tmp_path):
+    from stores.wds_store import iter_shard_samples
+
+    m = make_manifest()
+    WdsCacheWriter(tmp_path, m).write_block(0, block_records(m, 0))
+    image_id, view = m.block_records(0)[1]
+    key = f"{image_id:012d}_{view}"
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"{key}.fpn.0.msgpack")
+    clean = shard.read_bytes()
+    for at in [*range(member.offset_data, member.offset_data + member.size, max(1, member.size // 40)),
+               member.offset_data + member.size - 1]:
+        data = bytearray(clean)
+        data[at] ^= 0x04
+        shard.write_bytes(bytes(data))
+        with pytest.raises(StoreReadError, match=f"member {key}.fpn.0.msgpack fails its crc32c checksum"):
+            for sample in iter_shard_samples(shard):
+                decode_sample(sample, compact=True, defer_delta=True)
+
+
+def test_pco_parts_are_handed_on_as_pcodec_decodes_them():
+    pytest.importorskip("pcodec")
+    from numcodecs.pcodec import PCodec
+
+    x = np.random.default_rng(2).normal(size=(16, 24, 40)).astype(np.float32)
+    blob = encode(x, "pca8s0.25+pco")
+    header = msgpack.unpackb(blob, raw=False)
+    got = unpack(blob)
+    assert any(p["codec"] == "pco" for p in header["parts"].values())
+    for name, p in header["parts"].items():
+        if p["codec"] != "pco":
+            continue
+        want = np.asarray(PCodec(level=8).decode(p["bytes"])).reshape(p["shape"])  # the library: the oracle
+        assert got.parts[name].dtype == want.dtype and got.parts[name].flags.writeable
+        np.testing.assert_array_equal(got.parts[name], want)
+
+
+def test_small_zstd_parts_never_decode_to_garbage():
+    """Small parts go through python-zstandard's reused context: any flipped byte of the frame is
+    refused (frame checksum, sizes) or, where the byte does not matter, decodes to the same part."""
+    x = np.random.default_rng(3).normal(size=(4, 20, 25)).astype(np.float32)
+    blob = encode(x, "int8c+zstd")
+    header = msgpack.unpackb(blob, raw=False)
+    frame = header["parts"]["q"]["bytes"]
+    assert header["parts"]["q"]["codec"] == "zstd" and x.size < 1 << 16
+    want = unpack(blob).parts["q"]
+    np.testing.assert_array_equal(want, np.frombuffer(numcodecs.Zstd().decode(frame), np.int8).reshape(x.shape))
+    refused = 0
+    for at in range(len(frame)):
+        bad = bytearray(frame)
+        bad[at] ^= 0x20
+        header["parts"]["q"]["bytes"] = bytes(bad)
+        try:
+            got = unpack(msgpack.packb(header, use_bin_type=True)).parts["q"]
+        except BlobDecodeError:
+            refused += 1
+            continue
+        np.testing.assert_array_equal(got, want, err_msg=f"byte {at} flipped decodes to other values")
+    assert refused >= len(frame) - 8  # all but a few header bits that do not change the content

@@ -1,4 +1,4 @@
-"""Torch encoders of the compact transforms (topk, mask, pca) on the teacher's device.
+"""Torch encoders of the compact transforms (topk, mask, pca, pcas) on the teacher's device.
 
 Each returns the parts `stores.transforms` documents, so `stores.codecs.pack` frames them after the
 device-to-host copy. topk and mask are selections, comparisons, table look-ups and IEEE float32
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stores.transforms import logit_tables
+from stores.transforms import logit_tables, pcas_kept, pcas_step
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -39,12 +39,20 @@ def topk_prepare(x: Tensor, k: int, floor: float, classes: int | None = None) ->
         kth = torch.topk(grouped, k, dim=1).values[:, k - 1 : k, :]
         keep &= grouped >= kth
     flat = x.reshape(-1)
+    bounds_np, centres_np = logit_tables(floor)
+    bounds = torch.from_numpy(bounds_np).to(x.device)
+    centres = torch.from_numpy(centres_np).to(x.device)
+    # the decoder's background cap per (anchor, cell), from the decoded kept values
+    decoded = torch.where(keep, centres[torch.searchsorted(bounds, grouped.contiguous(), right=True)], 1.0)
+    full = keep.sum(dim=1) >= min(k, g)
+    cap = torch.where(full, decoded.amin(dim=1), floor_t).repeat_interleave(g, dim=0)  # [C, N]
     idx = torch.nonzero(keep.reshape(-1)).flatten()
     vals = flat[idx]
-    bounds = torch.from_numpy(logit_tables(floor)[0]).to(x.device)
     q = torch.searchsorted(bounds, vals, right=True).to(torch.uint8)
     bgc, bgs = background_fit(x.reshape(c, -1), ~keep.reshape(c, -1))
-    return {"idx": idx.to(_index_dtype(flat.numel())), "q": q, "bgc": bgc, "bgs": bgs}
+    bgc, bgs = background_rebalance(x.reshape(c, -1), ~keep.reshape(c, -1), bgc, bgs, cap)
+    return {"idx": idx.to(_index_dtype(flat.numel())), "q": q, "bgc": bgc, "bgs": bgs,
+            "classes": torch.tensor([g], dtype=torch.int64).to(torch.uint32)}
 
 
 def background_fit(x: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +63,22 @@ def background_fit(x: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
     safe = torch.where(bgc > 0, bgc, torch.ones_like(bgc))
     ratio = x / safe[:, None] * w * (bgc > 0)[:, None]
     bgs = (ratio.double().sum(dim=0) / w.double().sum(dim=0).clamp_min(1)).clamp_max(65504).half()
+    return bgc, bgs
+
+
+def background_rebalance(x: Tensor, dropped: Tensor, bgc: Tensor, bgs: Tensor, cap: Tensor) -> tuple[Tensor, Tensor]:
+    """`stores.transforms.background_rebalance` in torch (float64 sums: equal to rounding)."""
+    def capped(bgc: Tensor, bgs: Tensor) -> Tensor:
+        return torch.where(dropped, torch.minimum(bgc[:, None] * bgs.float()[None, :], cap), 0.0)
+
+    def factor(num: Tensor, den: Tensor) -> Tensor:
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+
+    mass = torch.where(dropped, x, 0.0)
+    y = capped(bgc, bgs)
+    bgc = (bgc.double() * factor(mass.double().sum(dim=1), y.double().sum(dim=1))).float()
+    y = capped(bgc, bgs)
+    bgs = (bgs.double() * factor(mass.double().sum(dim=0), y.double().sum(dim=0))).clamp_max(65504).half()
     return bgc, bgs
 
 
@@ -70,7 +94,8 @@ def mask_prepare(x: Tensor, threshold: float, score: Tensor | None) -> dict[str,
     return {"idx": idx.to(_index_dtype(flat.shape[1])), "q": q.contiguous(), "scale": scale}
 
 
-def pca_prepare(x: Tensor, k: int) -> dict[str, Tensor]:
+def _pca(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(basis float16 [C, K'], mean float32 [C], float32 coefficients [K', N], mean channel variance)."""
     if x.dim() < 2:
         raise ValueError(f"pca: needs a [C, ...] map with cells, got shape {tuple(x.shape)}")
     c = x.shape[0]
@@ -78,7 +103,8 @@ def pca_prepare(x: Tensor, k: int) -> dict[str, Tensor]:
     n = flat.shape[1]
     mean = flat.double().mean(dim=1) if n else flat.new_zeros(c, dtype=torch.float64)
     centred = flat.double() - mean[:, None]
-    _, vecs = torch.linalg.eigh(centred @ centred.T / max(n, 1))
+    cov = centred @ centred.T / max(n, 1)
+    _, vecs = torch.linalg.eigh(cov)
     kk = min(k, c)
     basis = vecs.flip(1)[:, :kk]
     sign = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
@@ -86,5 +112,23 @@ def pca_prepare(x: Tensor, k: int) -> dict[str, Tensor]:
     basis16 = (basis * sign).half()
     mean32 = mean.float()
     coeff = basis16.float().T @ (flat - mean32[:, None])
+    return basis16, mean32, coeff, float(torch.diagonal(cov).sum()) / max(c, 1)
+
+
+def pca_prepare(x: Tensor, k: int) -> dict[str, Tensor]:
+    basis16, mean32, coeff, _ = _pca(x, k)
     q, scale = int8_columns(coeff)
+    kk = basis16.shape[1]
     return {"basis": basis16, "mean": mean32, "q": q.reshape((kk,) + tuple(x.shape[1:])), "scale": scale}
+
+
+def pcas_prepare(x: Tensor, k: int, rel_step: float) -> dict[str, Tensor]:
+    """pcaKsS (`stores.transforms.pcas_prepare`): one step per map, int16 codes, trailing zero
+    components dropped. The step is computed from float64 statistics and cast as the reference does."""
+    basis16, mean32, coeff, var = _pca(x, k)
+    amax = float(coeff.abs().max()) if coeff.numel() else 0.0
+    step = torch.from_numpy(pcas_step(var, rel_step, amax)).to(x.device)
+    q = torch.round(coeff / step).to(torch.int16)
+    kk = pcas_kept(q.abs().amax(dim=1).cpu().numpy() if q.numel() else [])
+    return {"basis": basis16[:, :kk].contiguous(), "mean": mean32,
+            "q": q[:kk].reshape((kk,) + tuple(x.shape[1:])).contiguous(), "step": step}

@@ -34,7 +34,7 @@ from stages.detectors.checkpoint import (
 )
 from stages.run_record import require_images
 from stores import READERS, WRITERS
-from stores.codecs import parse_chain
+from stores.codecs import parse_chain, require_libraries
 from stores.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -84,6 +84,7 @@ def codec_spec(params: Params) -> dict[str, str]:
             raise ValueError(f"cache.codecs: {family!r} is not a dense target family ({', '.join(DENSE_TARGETS)})")
         try:
             parsed = parse_chain(chain)
+            require_libraries(parsed)  # zfp / sz / '+pco' need their packages: say so before any work
         except ValueError as err:
             raise ValueError(f"cache.codecs.{family}: {err}") from None
         if parsed.transform == "topk" and family != "cls":  # per-anchor classes: class maps only

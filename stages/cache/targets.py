@@ -59,7 +59,7 @@ def device_prepare(x: Tensor, chain: CodecChain, classes: int | None = None,
     if chain.transform == "raw" or not x.is_floating_point():
         return {"data": x}
     x = x.float()
-    if chain.transform in ("topk", "mask", "pca", "zfp"):
+    if chain.transform in ("topk", "mask", "pca", "pcas", "zfp", "sz"):
         return _compact_prepare(x, chain, classes, score)
     if chain.transform == "fp16":
         return {"data": x.half()}
@@ -97,7 +97,9 @@ def _compact_prepare(x: Tensor, chain: CodecChain, classes: int | None, score: T
         return device_codecs.mask_prepare(x, float(chain.param), score)
     if chain.transform == "pca":
         return device_codecs.pca_prepare(x, int(chain.param))
-    return {"data": x.contiguous()}  # zfp: coded by stores.codecs.pack on the host
+    if chain.transform == "pcas":
+        return device_codecs.pcas_prepare(x, int(chain.param[0]), float(chain.param[1]))
+    return {"data": x.contiguous()}  # zfp, sz: coded by stores.codecs.pack on the host
 
 
 def parts_to_numpy(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:

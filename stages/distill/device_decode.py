@@ -7,9 +7,9 @@ by the training device, so the CPU never inflates a record on the hot path.
 
 Every transform mirrors `stores.codecs.decode_compact` (the numpy reference) operation for
 operation; elementwise float32 products and quotients, gathers and scatters are IEEE-exact, so
-the two decodes agree bit for bit. The exception is pca (a float32 matmul, whose summation order
-is the BLAS's own): equal to the reference within float32 rounding of the product. zfp has
-no torch decoder: it is decoded by the numpy reference on the host and copied.
+the two decodes agree bit for bit. The exception is pca / pcas (a float32 matmul, whose summation
+order is the BLAS's own): equal to the reference within float32 rounding of the product. zfp and sz
+have no torch decoder: they are decoded by their libraries on the host and copied.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stores.codecs import CompactArray, decode_compact, parse_chain
+from stores.codecs import DELTA_SUFFIX, HOST_TRANSFORMS, CompactArray, decode_compact, parse_chain
 from stores.transforms import logit_tables
 
 _TABLES: dict[tuple[float, str], Tensor] = {}
@@ -50,13 +50,29 @@ def _centres(floor: float, device: torch.device) -> Tensor:
     return _TABLES[key]
 
 
+def _capped(bg: Tensor, idx: Tensor, vals: Tensor, g: int, k: int, floor: float) -> Tensor:
+    """`stores.transforms._capped` in torch: min(bg, cap) with cap per (anchor, cell) group (the
+    smallest kept value where the group holds >= min(K, G) kept, else F); counts and mins are exact."""
+    c, cells = bg.shape
+    if g <= 0 or c % g:
+        raise ValueError(f"topk: {c} channels are not a whole number of anchors of {g} classes")
+    group = idx // cells // g * cells + idx % cells
+    count = torch.bincount(group, minlength=c // g * cells)
+    smallest = torch.ones(c // g * cells, dtype=torch.float32, device=bg.device)
+    smallest = smallest.scatter_reduce(0, group, vals, "amin", include_self=True)
+    cap = torch.where(count >= min(k, g), smallest, torch.full_like(smallest, floor))
+    return torch.minimum(bg.reshape(c // g, g, cells), cap.reshape(c // g, 1, cells))
+
+
 def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
     """A CompactArray -> the decoded map on `device` (float32 for lossy chains, else its dtype)."""
     chain = parse_chain(c.chain)
     t = chain.transform
-    if t == "zfp":
+    if t in HOST_TRANSFORMS:  # zfp, sz: library decoders on the host
         return to_device(decode_compact(c), device)
-    p = {k: to_device(v, device) for k, v in c.parts.items()}
+    p = {k: to_device(v, device) for k, v in c.parts.items() if k != "classes"}  # classes: a host-side int
+    for k in [k for k in p if k.endswith(DELTA_SUFFIX)]:  # differences handed on by the worker
+        p[k[: -len(DELTA_SUFFIX)]] = p.pop(k).long().cumsum(0)  # checked by unpack: no wrap, in range
     shape = tuple(c.shape)
     if t == "raw":
         return p["data"].reshape(shape)
@@ -75,8 +91,12 @@ def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
         return out.reshape(shape)
     if t == "topk":
         floor = float(np.float32(chain.param[1]))  # the numpy reference's cap, exactly
-        out = (p["bgc"][:, None] * p["bgs"].float()[None, :]).clamp_max(floor).reshape(-1)
-        out[p["idx"].long()] = _centres(chain.param[1], device)[p["q"].long()]
+        bg = p["bgc"][:, None] * p["bgs"].float()[None, :]
+        vals = _centres(chain.param[1], device)[p["q"].long()]
+        idx = p["idx"].long()
+        out = (bg.clamp_max(floor) if "classes" not in c.parts  # legacy blob
+               else _capped(bg, idx, vals, int(np.asarray(c.parts["classes"])[0]), chain.param[0], floor)).reshape(-1)
+        out[idx] = vals
         return out.reshape(shape)
     if t == "mask":
         out = torch.zeros((shape[0], n // shape[0] if shape[0] else 0), dtype=torch.float32, device=device)
@@ -84,6 +104,9 @@ def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
         return out.reshape(shape)
     if t == "pca":
         q = p["q"].reshape(p["q"].shape[0], -1).float() * p["scale"][:, None]
+        return (p["basis"].float() @ q + p["mean"][:, None]).reshape(shape)
+    if t == "pcas":
+        q = p["q"].reshape(p["q"].shape[0], n // shape[0] if shape[0] else 0).float() * p["step"][0]
         return (p["basis"].float() @ q + p["mean"][:, None]).reshape(shape)
     raise ValueError(f"no device decoder for chain {c.chain!r}")
 

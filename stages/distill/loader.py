@@ -26,6 +26,7 @@ from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stores.codecs import CompactArray
+from stores.wds_store import shard_samples
 
 _TUNED: set[int] = set()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -105,7 +106,8 @@ class CachedViewDataset(torch.utils.data.Dataset):
         tune_malloc()  # once per worker process
         item = self.images[index]
         # only what the losses read; compact: lossless stage only, dequantised on the training device
-        record = self.reader.get(item["image_id"], item["view"], targets=self.targets, compact=self.compact)
+        record = self.reader.get(item["image_id"], item["view"], targets=self.targets, compact=self.compact,
+                                 defer_delta=self.compact)  # index cumsum on the device
         item["teacher"] = as_tensors(record["arrays"])
         item["teacher_meta"] = record["meta"]
         return item
@@ -156,8 +158,9 @@ def wds_batches(
         rng = random.Random(seed * 1_000_003 + epoch)
         order = list(shard_paths)
         rng.shuffle(order)
-        pipeline = wds.WebDataset(order, shardshuffle=False, nodesplitter=wds.split_by_node,
-                                  workersplitter=wds.split_by_worker, empty_check=False)
+        # webdataset splits the shards by rank and worker; the samples are read at the sidecar's member
+        # offsets (`stores.wds_store.shard_samples`: the same samples, without a Python tar walk)
+        pipeline = wds.DataPipeline(wds.SimpleShardList(order), wds.split_by_node, wds.split_by_worker, shard_samples)
         pending: dict[tuple[int, int], list[dict]] = {}
         buffer: list[dict] = []
         for sample in pipeline:

@@ -213,10 +213,10 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
 
 
 def _targets_for(needs: set[str]) -> set[str]:
-    """Per-image record families a set of loss needs maps to (the head is static, not per image)."""
-    mapping = {"fpn": "fpn", "cls": "cls", "box": "box", "quality": "quality", "candidates": "candidates",
-               "tower_stats": "tower_stats", "head": "tower_stats"}
-    return {mapping[n] for n in needs if mapping[n] in PER_IMAGE_TARGETS}
+    """Per-image record families a set of losses reads. The head is static (once per cache, not per
+    image): CSKD's tower terms run it on the cached FPN and need no per-image record for it; only
+    CrossKD reads the per-image `tower_stats` (it says so in its own needs)."""
+    return {n for n in needs if n in PER_IMAGE_TARGETS}
 
 
 def _batch_source(distill, coco, views, reader, cfg, targets, pin: bool = False):
@@ -227,7 +227,7 @@ def _batch_source(distill, coco, views, reader, cfg, targets, pin: bool = False)
         cached_views(reader, coco, views)  # a partial cache is refused as the Zarr source refuses it
 
         def decode(sample):  # checksums checked; compact parts, dequantised on the training device
-            return decode_sample(sample, targets, compact=True)
+            return decode_sample(sample, targets, compact=True, defer_delta=True)
 
         # WebDataset: each rank (node) and DataLoader worker streams its own shards
         return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start,
