@@ -2,7 +2,7 @@
 (scales x flips) with compact codecs vs one trained on today's 2 views with the pre-issue-9 codecs.
 
     python -m bench.views [--images 48] [--steps 80] [--seeds 0,1] [--method cskd|cskd-notower|ssim|mse|pfi]
-                          [--scales4 96,128] [--codecs4 default|mixed|FAMILY=CHAIN,...] [--targets all]
+                          [--scales4 96,128] [--codecs4 default|compact|FAMILY=CHAIN,...] [--targets all]
 
 A fixed set of views is the known weakness of cached distillation (the student overfits a frozen
 teacher on a few inputs); smaller records make more views affordable. Both sides use the demo

@@ -133,12 +133,13 @@ class CacheParams:
         default_factory=lambda: ["fpn", "cls", "box", "quality", "detections", "candidates", "tower_stats", "head"]
     )
     # codec chain per target family (stores.codecs), e.g. "int8c+zstd", "pca32+zstd", "topk9f0.002+zstd",
-    # "mask0.05+zstd"; defaults from bench/codec_sets + bench/rate_distortion (issue 9): 1.52 MB per
-    # 800x1344 record of the demo teacher, every KD method at grad cosine >= 0.995, loss error <= 0.8 %;
-    # fpn pca64s0.25+pco (one quantiser step per level, pcodec): CSKD / SSIM loss error <= 0.75 % where
-    # pca32+zstd gave ~3 %, at fewer FPN bytes (notes: bench/rate_distortion, bench/codec_sets)
+    # "mask0.05+zstd". Defaults from bench/codec_sets + bench/realscale (issue 9; figures in
+    # bench/results/realscale.json): fpn pca64s0.25+pco (one quantiser step per level, pcodec: CSKD / SSIM
+    # loss error < 1 % where pca32+zstd gave ~3 %, at fewer bytes); cls topk24f0.01+zstd (every class
+    # >= 0.01, up to 24 per anchor: top-9 dropped real mass on ambiguous anchors of the synth20 teacher,
+    # CrossKD loss error 1.7 %); box int8c+zstd (delta-filtered codes; masks cost CSKD its box gradient)
     codecs: dict[str, str] = field(
-        default_factory=lambda: {"fpn": "pca64s0.25+pco", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
+        default_factory=lambda: {"fpn": "pca64s0.25+pco", "cls": "topk24f0.01+zstd", "box": "int8c+zstd",
                                  "quality": "int8c+zstd"}
     )
     batch_size: int = 4

@@ -7,7 +7,7 @@ Blob framing (no pickle): a msgpack map (``use_bin_type``)::
     {"format": "kdcache-blob", "version": 1, "chain": "<canonical spec>", "shape": [...],
      "dtype": "<original numpy dtype name>",
      "parts": {name: {"dtype": "<numpy dtype str, little-endian>", "shape": [...],
-                      "filter": "none" | "delta", "codec": "zstd" | "blosc" | "none", "bytes": <bin>}}}
+                      "filter": "none" | "delta", "codec": "zstd" | "blosc" | "pco" | "none", "bytes": <bin>}}}
 
 ``filter`` "delta" (used for sparse ``idx`` when a lossless stage follows) stores
 ``diff(idx, prepend=0)`` in uint32 arithmetic (exact modulo 2**32, decoded by a uint32

@@ -1,7 +1,8 @@
 """Codec chain grammar: ``"<transform>+<lossless>"`` strings, parsed into `CodecChain` values.
 
-What each transform does to an array, and the blob framing, are in `stores.codecs`; this module
-only names the chains and checks their parameters (so params can be validated before any work).
+What each transform does to an array is in `stores.codecs` and `stores.transforms`, the blob framing in
+`stores.blob_schema`; this module only names the chains and checks their parameters (so params can
+be validated before any work).
 """
 
 from __future__ import annotations
