@@ -242,13 +242,19 @@ def _pca(flat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     return (basis * sign).astype(np.float16), mean.astype(np.float32), float(np.trace(cov)) / max(c, 1)
 
 
-def pca_prepare(x: np.ndarray, k: int) -> dict[str, np.ndarray]:
+def _cells_matrix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x as C-order float32, its [C, N] view) of a feature map, checked for the PCA transforms."""
     x = np.asarray(x, dtype=np.float32, order="C")
     if x.ndim < 2:
         raise ValueError(f"pca: needs a [C, ...] map with cells, got shape {x.shape}")
     flat = x.reshape(x.shape[0], -1)
     if not np.all(np.isfinite(flat)):
         raise ValueError("pca: non-finite values (NaN/inf): cannot transform")
+    return x, flat
+
+
+def pca_prepare(x: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    x, flat = _cells_matrix(x)
     basis, mean = pca_basis(flat, k)
     coeff = basis.astype(np.float32).T @ (flat - mean[:, None])
     q, scale = int8_columns(coeff)
@@ -261,12 +267,7 @@ def pca_decode(parts: dict[str, np.ndarray], shape: tuple) -> np.ndarray:
 
 
 def pcas_prepare(x: np.ndarray, k: int, rel_step: float) -> dict[str, np.ndarray]:
-    x = np.asarray(x, dtype=np.float32, order="C")
-    if x.ndim < 2:
-        raise ValueError(f"pca: needs a [C, ...] map with cells, got shape {x.shape}")
-    flat = x.reshape(x.shape[0], -1)
-    if not np.all(np.isfinite(flat)):
-        raise ValueError("pca: non-finite values (NaN/inf): cannot transform")
+    x, flat = _cells_matrix(x)
     basis, mean, var = _pca(flat, k)
     coeff = basis.astype(np.float32).T @ (flat - mean[:, None])
     step = pcas_step(var, rel_step, float(np.abs(coeff).max()) if coeff.size else 0.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from tests.cache_fixtures import copy_cache, subprocess_env, tiny_params, write_params
+from tests.cache_fixtures import VIEWS, copy_cache, subprocess_env, tiny_params, write_params
 
 pytest_plugins = ["tests.cache_fixtures"]  # tiny_teacher, tiny_cache
 
@@ -129,8 +129,11 @@ def test_bad_params_are_one_line_naming_the_field(tiny_cache, tmp_path):
 
 
 def test_ctrl_c_is_one_line_saying_what_was_kept(tiny_coco, tiny_teacher, tmp_path):
-    # a cache of many small blocks, so the run is still computing when it is interrupted
-    params = tiny_params(tiny_coco, tiny_teacher, tmp_path, block_size=1, format="zarr")
+    # a cache of many small blocks of 8 views each, so the run is still computing when it is
+    # interrupted (with 2 views the whole cache took ~1 s after the first block on a fast store path)
+    view = type(VIEWS[0])
+    views = [view(s, s * 3 // 2, f) for s in (96, 112, 128, 144) for f in (False, True)]
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path, block_size=1, format="zarr", views=views)
     path = write_params(params, tmp_path / "p.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cache_teacher", "--params", str(path)], cwd=ROOT,
                             env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -209,4 +209,9 @@ def test_synth20_profile_has_20_plus_classes():
     s = p.data.synthetic
     assert len(class_specs(s.textures, s.colours)) >= 20
     assert s.min_side > 112 and s.max_side > 192  # larger images than the demo's
-    assert p.teacher.train.steps > 400  # trained longer than the demo teacher
+    demo = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+
+    def pixels(q):  # training pixels the teacher sees (steps x batch x view area)
+        return q.teacher.train.steps * q.teacher.train.batch_size * q.data.min_size * q.data.max_size
+
+    assert pixels(p) > 2 * pixels(demo)  # trained clearly longer than the demo teacher, in pixels seen
