@@ -135,8 +135,11 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(tiny_coco, tiny_teacher, tmp_pa
     views = [view(s, s * 3 // 2, f) for s in (96, 112, 128, 144) for f in (False, True)]
     params = tiny_params(tiny_coco, tiny_teacher, tmp_path, block_size=1, format="zarr", views=views)
     path = write_params(params, tmp_path / "p.yaml")
+    # the child gets Ctrl-C's default disposition: a test run launched in the background (`cmd &` in a
+    # script) has SIGINT ignored, and an ignored SIGINT is inherited across exec
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cache_teacher", "--params", str(path)], cwd=ROOT,
-                            env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     done = Path(params.cache.path) / "zarr" / "done"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (done.exists() and any(done.iterdir())):
