@@ -292,6 +292,11 @@ def undelta(parts: dict) -> dict:
     return out
 
 
+def _undelta_in_place(arr: np.ndarray) -> None:
+    """Undo the delta filter in place, in C order (an int8c map's q too): no second part-sized array."""
+    np.cumsum(arr.reshape(-1), dtype=arr.dtype, out=arr.reshape(-1))
+
+
 def _deltas_in_range(d: np.ndarray, n: int) -> bool:
     """True if the running sums of the uint32 differences `d` stay below `n` (<= 2**31) without
     wrapping, so their int64 cumsum (on the device) is exactly the reference's uint32 cumsum and
@@ -356,23 +361,21 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
             if filt == "delta":
                 if defer_delta and deferred is None and arr.ndim == 1:
                     deferred = name
-                else:  # in place, in C order (an int8c map's q too): no second part-sized array
-                    np.cumsum(arr.reshape(-1), dtype=arr.dtype, out=arr.reshape(-1))
+                else:
+                    _undelta_in_place(arr)
             elif filt != "none":
                 raise BlobDecodeError(f"unknown filter {filt!r} on part {name!r}")
             parts[name] = arr
         _check_parts(parts, chain, shape, dtype, BlobDecodeError)
-        if chain.transform in INDEXED and parts["idx"].size:
-            n = math.prod(shape[1:] if chain.transform == "mask" else shape)  # mask: cell indices
-            if deferred == "idx" and n <= 2**31 and _deltas_in_range(parts["idx"], n):
+        indexed = chain.transform in INDEXED and parts["idx"].size
+        n = math.prod(shape[1:] if chain.transform == "mask" else shape)  # mask: cell indices
+        if deferred is not None:  # handed on only when the differences provably stay in range
+            if indexed and deferred == "idx" and n <= 2**31 and _deltas_in_range(parts["idx"], n):
                 parts[deferred + DELTA_SUFFIX] = parts.pop(deferred)
             else:
-                if deferred is not None:
-                    parts[deferred] = np.cumsum(parts[deferred], dtype=parts[deferred].dtype, out=parts[deferred])
-                if int(parts["idx"].max()) >= n:
-                    raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
-        elif deferred is not None:
-            parts[deferred] = np.cumsum(parts[deferred], dtype=parts[deferred].dtype, out=parts[deferred])
+                _undelta_in_place(parts[deferred])
+        if indexed and "idx" in parts and int(parts["idx"].max()) >= n:
+            raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
     except BlobDecodeError:
         raise
     except Exception as err:  # corrupt header fields, failed decompression, bad shapes
