@@ -42,15 +42,17 @@ def topk_prepare(x: Tensor, k: int, floor: float, classes: int | None = None) ->
     bounds_np, centres_np = logit_tables(floor)
     bounds = torch.from_numpy(bounds_np).to(x.device)
     centres = torch.from_numpy(centres_np).to(x.device)
-    # the decoder's background cap per (anchor, cell), from the decoded kept values
-    decoded = torch.where(keep, centres[torch.searchsorted(bounds, grouped.contiguous(), right=True)], 1.0)
+    # one bin look-up for every element: the kept ones are the stored codes, and their decoded values
+    # give the decoder's background cap per (anchor, cell)
+    bins = torch.searchsorted(bounds, grouped.contiguous(), right=True)
+    decoded = torch.where(keep, centres[bins], 1.0)
     full = keep.sum(dim=1) >= min(k, g)
     cap = torch.where(full, decoded.amin(dim=1), floor_t).repeat_interleave(g, dim=0)  # [C, N]
     idx = torch.nonzero(keep.reshape(-1)).flatten()
-    vals = flat[idx]
-    q = torch.searchsorted(bounds, vals, right=True).to(torch.uint8)
-    bgc, bgs = background_fit(x.reshape(c, -1), ~keep.reshape(c, -1))
-    bgc, bgs = background_rebalance(x.reshape(c, -1), ~keep.reshape(c, -1), bgc, bgs, cap)
+    q = bins.reshape(-1)[idx].to(torch.uint8)  # grouped is x's C order: flat indices match
+    dropped = ~keep.reshape(c, -1)
+    bgc, bgs = background_fit(x.reshape(c, -1), dropped)
+    bgc, bgs = background_rebalance(x.reshape(c, -1), dropped, bgc, bgs, cap)
     return {"idx": idx.to(_index_dtype(flat.numel())), "q": q, "bgc": bgc, "bgs": bgs,
             "classes": torch.tensor([g], dtype=torch.int64).to(torch.uint32)}
 
