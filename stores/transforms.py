@@ -101,18 +101,20 @@ def topk_prepare(x: np.ndarray, k: int, floor: float, classes: int | None = None
     if k < grouped.shape[1]:
         kth = np.partition(grouped, grouped.shape[1] - k, axis=1)[:, grouped.shape[1] - k][:, None, :]
         keep &= grouped >= kth
-    flat = x.ravel()
     g = grouped.shape[1]
     bounds, centres = logit_tables(floor)
-    # the decoder's background cap per (anchor, cell) (see the table), from the decoded kept values
-    decoded = np.where(keep, centres[np.searchsorted(bounds, grouped, side="right")], np.float32(1))
+    # one bin look-up for every element: the kept ones are the stored codes, and their decoded values
+    # give the decoder's background cap per (anchor, cell) (see the table)
+    bins = np.searchsorted(bounds, grouped, side="right")
+    decoded = np.where(keep, centres[bins], np.float32(1))
     full = keep.sum(axis=1) >= min(k, g)
     cap = np.repeat(np.where(full, decoded.min(axis=1), np.float32(floor)), g, axis=0)  # [C, N]
     keep = keep.reshape(x.shape[0], -1)
     idx = np.flatnonzero(keep).astype(np.uint32)
-    q = np.searchsorted(bounds, flat[idx], side="right").astype(np.uint8)
-    bgc, bgs = background_fit(x.reshape(x.shape[0], -1), ~keep)
-    bgc, bgs = background_rebalance(x.reshape(x.shape[0], -1), ~keep, bgc, bgs, cap)
+    q = bins.reshape(-1)[idx].astype(np.uint8)  # grouped is x's C order: flat indices match
+    dropped = ~keep
+    bgc, bgs = background_fit(x.reshape(x.shape[0], -1), dropped)
+    bgc, bgs = background_rebalance(x.reshape(x.shape[0], -1), dropped, bgc, bgs, cap)
     return {"idx": idx, "q": q, "bgc": bgc, "bgs": bgs, "classes": np.array([g], np.uint32)}
 
 
