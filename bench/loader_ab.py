@@ -69,6 +69,12 @@ def _store_rates(root: str, passes: int, fast: bool) -> dict:
     return out
 
 
+def _mb_per_record(root: str) -> float:
+    """Stored MB per record of a cache folder: its WebDataset shards' bytes over the plan's records."""
+    records = len(json.loads((Path(root) / "manifest.json").read_text())["plan"])
+    return sum(p.stat().st_size for p in (Path(root) / "wds").glob("*.tar")) / records / 1e6
+
+
 def side(tree: str, passes: int, roots: list[str]) -> dict:
     """One process: rates of both readers on every store (sys.path points at `tree` first)."""
     sys.path.insert(0, tree)
@@ -76,6 +82,9 @@ def side(tree: str, passes: int, roots: list[str]) -> dict:
     from stores import wds_store
 
     tune_malloc()
+    import numcodecs.blosc
+
+    numcodecs.blosc.set_nthreads(1)  # one thread per worker, also for blosc parts (its pool would add cores)
     fast = "defer_delta" in inspect.signature(wds_store.decode_sample).parameters
     out = {}
     for root in roots:
@@ -107,14 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
             if done.returncode:
                 raise SystemExit(f"the {label} process failed ({tree}):\n{done.stderr[-2000:]}")
             res[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print("| store, reader | before rec/s | after rec/s | before rec/CPU-s | after rec/CPU-s | after/before (CPU-s) |")
-    print("|---|---|---|---|---|---|")
+    print("| store, reader | MB/record | before rec/s | after rec/s | before rec/CPU-s | after rec/CPU-s "
+          "| after/before (CPU-s) |")
+    print("|---|---|---|---|---|---|---|")
     for key in res["before"][0]:
+        root = next(r for r in roots if key.startswith(Path(r).name + " "))
         b = [x[key] for x in res["before"]]
         a = [x[key] for x in res["after"]]
         bw, aw = statistics.median(v[0] for v in b), statistics.median(v[0] for v in a)
         bc, ac = statistics.median(v[1] for v in b), statistics.median(v[1] for v in a)
-        print(f"| {key} | {bw:.1f} | {aw:.1f} | {bc:.1f} | {ac:.1f} | {ac / bc:.2f} |")
+        print(f"| {key} | {_mb_per_record(root):.2f} | {bw:.1f} | {aw:.1f} | {bc:.1f} | {ac:.1f} | {ac / bc:.2f} |")
     print(f"medians of {args.rounds} alternating processes per side, {args.passes} passes each")
     return res
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from bench.common import (
     workdir,
 )
 from bench.fixtures import trained_checkpoint
+from stages.cache.basis import cpca_families, fit_bases
 from stages.cache.fidelity import measure_gradient_fidelity
 from stages.cache.targets import record_meta
 from stages.config import CacheParams, DistillParams, ModelParams
@@ -65,7 +67,8 @@ from stages.distill.run import loss_context, run_from_index
 from stages.distill.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.losses.registry import LOSS_NAMES, build_kd_losses
 from stores import EncodedRecord, Manifest, decode_record, open_writer
-from stores.manifest import SCHEMA_VERSION, is_store, remove_store
+from stores.cache_basis import BASIS_STATIC, CacheBases
+from stores.manifest import MANIFEST_NAME, SCHEMA_VERSION, is_store, remove_store, sha256_file
 
 NAME = "realscale"
 VIEW_HW = (800, 1344)  # the issue's view (--view changes it for smoke runs only)
@@ -85,6 +88,11 @@ CODEC_SETS = {
                                 "quality": "int8c+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
     "default+cls=topk9f0.01": {**CODECS, "cls": "topk9f0.01+zstd"},
+    # one PCA basis per cache (stores.cache_basis, fitted here on other images of the row): no basis in
+    # the records; K = 64 or 128 of 256 channels, and the full-rank transform (nothing truncated)
+    "cpca64s0.25": {**CODECS, "fpn": "cpca64s0.25+pco"},
+    "cpca128s0.25": {**CODECS, "fpn": "cpca128s0.25+pco"},
+    "cpca256s0.25": {**CODECS, "fpn": "cpca256s0.25+pco"},
     # the very lossy end: small, and shown failing CSKD / CrossKD (masked boxes, top-2)
     "compact": {"fpn": "pca32+zstd", "cls": "topk2f0.01+zstd", "box": "mask0.05+zstd", "quality": "mask0.05+zstd"},
 }
@@ -185,21 +193,45 @@ def warm_up(student, kd, teacher, warm: list[dict], steps: int, index: int) -> l
     return losses
 
 
-def write_store(root: Path, encoded: list, strides: list[int]) -> Path:
-    """The rows' encoded records in a Zarr + WebDataset store (one record per block), as stage 1 writes."""
+def row_bases(teacher, data: CocoDataset, view: View, sets: dict, device) -> dict[str, dict[str, np.ndarray]]:
+    """{set: {target: basis}} for the sets with cpca chains, fitted once (largest K) on `data` (images
+    the fidelity figures do not use) as stage 1 fits a cache's basis; a smaller K is its leading columns."""
+    families = {}
+    for codecs in sets.values():
+        for family, k in cpca_families(codecs).items():
+            families[family] = max(k, families.get(family, 0))
+    if not families:
+        return {}
+    fitted = fit_bases(teacher, batches(data, view, 1, device), families, teacher.num_classes, device)
+    out = {}
+    for name, codecs in sets.items():
+        ks = cpca_families(codecs)
+        if ks:
+            out[name] = {n: np.ascontiguousarray(b[:, :ks[n.split(".")[0]]]) for n, b in fitted.items()
+                         if n.split(".")[0] in ks}
+    return out
+
+
+def write_store(root: Path, encoded: list, strides: list[int], bases: dict | None = None) -> Path:
+    """The rows' encoded records in a Zarr + WebDataset store (one record per block), as stage 1 writes;
+    `bases`: the default set's cpca bases, stored as a cache stores them (static, sha256 in the manifest)."""
     if is_store(root):  # this benchmark's own store from an earlier run (other codecs): start afresh
         remove_store(root)
     plan = [(rec.image_id, rec.view) for rec in encoded]
     manifest = Manifest(schema_version=SCHEMA_VERSION, fingerprint={"bench": NAME, "codecs": CODECS}, plan=plan,
                         block_size=1, levels=len(strides), meta={"note": "bench.realscale records"})
     writers = [open_writer(root, manifest, fmt) for fmt in ("zarr", "wds")]
+    if bases:
+        writers[0].write_static(BASIS_STATIC, bases)
+        manifest = replace(manifest, statics={BASIS_STATIC: sha256_file(root / "static" / f"{BASIS_STATIC}.npz")})
+        manifest.save(root / MANIFEST_NAME)
     for block, rec in enumerate(encoded):
         for w in writers:
             w.write_block(block, [rec])
     return root
 
 
-def step_ratio(student, kd, teacher, batch, encoded, index, rounds: int) -> dict[str, float]:
+def step_ratio(student, kd, teacher, batch, encoded, index, rounds: int, bases=None) -> dict[str, float]:
     """One CSKD student step (train mode, AdamW) offline (decoded cache record -> device) vs online
     (live teacher forward + extraction): seconds per step and offline / online."""
     cskd = kd["cskd"]
@@ -211,7 +243,7 @@ def step_ratio(student, kd, teacher, batch, encoded, index, rounds: int) -> dict
             if online:
                 _, records = live_records(teacher, batch["images"], batch["image_sizes"], batch["targets"], TARGETS)
             else:
-                records = cached_records_to_device([decode_record(r).arrays for r in encoded],
+                records = cached_records_to_device([decode_record(r, bases=bases).arrays for r in encoded],
                                                    batch["images"].device)
             t = records_to_targets(records, padded, list(student.strides), teacher.head, index)
             out = student(batch["images"], batch["image_sizes"], targets=batch["targets"])
@@ -248,13 +280,18 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
     big = batches(data, view, 1, device)
     encoded: list = []
     sets = {k: v for k, v in CODEC_SETS.items() if k == "default" or v != CODEC_SETS["default"]}
-    all_sets = measure_gradient_fidelity(teacher, student, kd, big, sets, TARGETS, index, sinks={"default": encoded})
+    if args.sets:
+        sets = {k: v for k, v in sets.items() if k == "default" or k in args.sets.split(",")}
+    basis_set = render_set(work / f"realscale-{tag}-basis-{hw[0]}x{hw[1]}", hw, args.basis_images, classes, 902)
+    bases = row_bases(teacher, basis_set, view, sets, device)
+    all_sets = measure_gradient_fidelity(teacher, student, kd, big, sets, TARGETS, index, sinks={"default": encoded},
+                                         bases=bases)
     fid = all_sets["default"]
     strides = list(student.strides)
     padded = tuple(big[0]["images"].shape[-2:])
     sized = [EncodedRecord(i + 1, view.key, record_meta(i + 1, view.key, hw, padded, strides), r.blobs)
              for i, r in enumerate(encoded)]
-    store = write_store(work / f"realscale-store-{name}", sized, strides)
+    store = write_store(work / f"realscale-store-{name}", sized, strides, bases.get("default"))
     loader = loader_bench.measure_store(store, settings)
     rps = loader["records_per_s"]
     row = {
@@ -277,7 +314,8 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
                        for k, v in all_sets.items()},
     }
     if args.step_rounds > 0:
-        row["student_step"] = step_ratio(student, kd, teacher, big[0], encoded[:1], index, args.step_rounds)
+        row["student_step"] = step_ratio(student, kd, teacher, big[0], encoded[:1], index, args.step_rounds,
+                                         CacheBases(bases["default"]) if "default" in bases else None)
         row["step_time_offline_over_online"] = row["student_step"]["offline_over_online"]
     row["wall_s"] = time.perf_counter() - t0
     return row
@@ -323,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--view", default=f"{VIEW_HW[0]},{VIEW_HW[1]}", help="H,W of the measured view")
     parser.add_argument("--warm-view", default=f"{WARM_HW[0]},{WARM_HW[1]}", help="H,W of the warm-up images")
     parser.add_argument("--student-steps", type=int, default=20, help="student warm-up steps before measuring")
+    parser.add_argument("--basis-images", type=int, default=4,
+                        help="other images of the row's view on which the cpca sets' PCA basis is fitted")
+    parser.add_argument("--sets", default="",
+                        help="comma-separated codec sets to measure besides 'default' (default: all of CODEC_SETS)")
     parser.add_argument("--step-rounds", type=int, default=1, help="offline/online step rounds (0 = skip)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the existing result file that this run does not measure")

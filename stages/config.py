@@ -149,6 +149,9 @@ class CacheParams:
     scheduler: str = ""  # address of an existing dask scheduler; "" = local cluster
     device: str = "auto"
     seed: int = 0
+    # images (spread over the plan) from which a new cache fits its PCA basis for cpcaKsS chains
+    # (stores.cache_basis); an existing cache keeps the basis it was built with
+    basis_images: int = 16
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""What both store formats share: records, the writer/reader interface, errors, locking, statics.
+"""What both store formats share: the writer/reader interface, errors, locking, statics (and the
+record API of `stores.records`, re-exported here).
 
 A cache folder (``<root>``) holds ``manifest.json`` (stores.manifest), ``static/<name>.npz``
-(dataset-level arrays: teacher head weights, tower statistics) and one folder per format:
+(dataset-level arrays: teacher head weights, tower statistics, the cpca chains' PCA bases
+`stores.cache_basis`) and one folder per format:
 ``zarr/`` (stores.zarr_store) and ``wds/`` (stores.wds_store). Both formats hold the very same
 blob bytes per target (`encode_record` encodes once; write the EncodedRecord to both writers).
 
@@ -14,23 +16,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
-import json
 import re
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from stores.codecs import BlobDecodeError, CodecChain, decode, encode, unpack
-from stores.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, check_compatible
+from stores.cache_basis import BASIS_STATIC, CacheBases
+from stores.codecs import BlobDecodeError
+from stores.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, check_compatible, sha256_file
+from stores.records import (  # noqa: F401  (re-exported: the record API predates the split)
+    DEFAULT_CHAIN,
+    TARGET_ALIASES,
+    DecodedRecord,
+    EncodedRecord,
+    blob_digests,
+    chain_for,
+    codec_inputs,
+    decode_record,
+    encode_record,
+    meta_bytes,
+    record_key,
+    select_names,
+    target_family,
+    unpack_record,
+    wanted_families,
+)
 
-DEFAULT_CHAIN = "raw+zstd"
 REBUILD = "python -m pipeline.cache_teacher"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -45,151 +60,6 @@ class StoreWriteError(StoreError):
 
 class StoreReadError(StoreError):
     """Stored data is missing, truncated or corrupt; the message names the file and the fix."""
-
-
-# ------------------------------------------------------------------------------------------------
-# records
-
-
-@dataclass(frozen=True)
-class EncodedRecord:
-    image_id: int
-    view: str
-    meta: dict
-    blobs: dict[str, bytes]  # target name -> codecs blob
-
-
-@dataclass(frozen=True)
-class DecodedRecord:
-    """A decoded record; also readable as a mapping: rec["meta"], rec["arrays"]."""
-
-    image_id: int
-    view: str
-    meta: dict
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        if key in ("image_id", "view", "meta", "arrays"):
-            return getattr(self, key)
-        raise KeyError(key)
-
-    def keys(self) -> tuple[str, ...]:
-        return ("image_id", "view", "meta", "arrays")
-
-
-def target_family(name: str) -> str:
-    """'fpn.3' -> 'fpn', 'det.boxes' -> 'det', 'cand.index' -> 'cand'."""
-    return name.split(".", 1)[0]
-
-
-def chain_for(name: str, codecs: Mapping[str, CodecChain | str] | None) -> CodecChain | str:
-    """The chain of target `name`: an entry for the exact name, else for its family, else raw+zstd."""
-    codecs = codecs or {}
-    if name in codecs:
-        return codecs[name]
-    return codecs.get(target_family(name), DEFAULT_CHAIN)
-
-
-def codec_inputs(name: str, arrays: Mapping[str, Any], num_classes: int | None = None) -> dict[str, Any]:
-    """The side inputs of target `name`'s transform, picked from its record's `arrays` (numpy or
-    torch): a class map ("cls.{l}") is grouped per anchor by `num_classes` (topk chains); a box /
-    quality map ("box.{l}", "quality.{l}") is masked by the class map of its level (mask chains)."""
-    family, _, level = name.partition(".")
-    if family == "cls":
-        return {"classes": num_classes}
-    if family in ("box", "quality"):
-        return {"score": arrays.get(f"cls.{level}")}
-    return {}
-
-
-def meta_bytes(meta: Mapping) -> bytes:
-    """Canonical JSON bytes of a record's meta (what both formats store, and hash)."""
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-
-
-def encode_record(
-    image_id: int,
-    view: str,
-    meta: Mapping,
-    arrays: Mapping[str, np.ndarray],
-    codecs: Mapping[str, CodecChain | str] | None = None,
-    num_classes: int | None = None,
-) -> EncodedRecord:
-    """Encode the target arrays of one (image_id, view) record, once for both formats.
-
-    `codecs` is keyed by target family ("fpn" applies to "fpn.0".."fpn.4") or by exact name;
-    targets without an entry use "raw+zstd"; integer arrays are always stored exactly.
-    `meta` must be JSON-able; image_id and view are set in it. `num_classes` groups topk class
-    maps per anchor (see `codec_inputs`); without it a cell's channels form one group.
-    """
-    meta = {**dict(meta), "image_id": int(image_id), "view": str(view)}
-    try:
-        meta_bytes(meta)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"record meta of image {image_id} view {view} is not JSON-able: {err}") from None
-    blobs = {}
-    for name, arr in arrays.items():
-        if not name or "/" in name or name.startswith("_"):
-            raise ValueError(f"bad target name {name!r}: use e.g. 'fpn.0', 'det.boxes'")
-        inputs = codec_inputs(name, arrays, num_classes)
-        if inputs.get("score") is not None:
-            inputs["score"] = np.asarray(inputs["score"])
-        blobs[name] = encode(np.asarray(arr), chain_for(name, codecs), **inputs)
-    return EncodedRecord(int(image_id), str(view), meta, blobs)
-
-
-def decode_record(rec: EncodedRecord, targets: Iterable[str] | None = None) -> DecodedRecord:
-    """Decode every blob (or only those selected by `targets`: names or families)."""
-    names = select_names(rec.blobs, targets)
-    return DecodedRecord(rec.image_id, rec.view, dict(rec.meta), {n: decode(rec.blobs[n]) for n in names})
-
-
-def unpack_record(rec: EncodedRecord, targets: Iterable[str] | None = None,
-                  defer_delta: bool = False) -> DecodedRecord:
-    """Lossless stage only: arrays are `CompactArray`s (parts as stored), for decoding on the
-    training device (`stages.distill.device_decode`); `defer_delta`: see `stores.codecs.unpack`."""
-    names = select_names(rec.blobs, targets)
-    return DecodedRecord(rec.image_id, rec.view, dict(rec.meta),
-                         {n: unpack(rec.blobs[n], defer_delta) for n in names})
-
-
-# config-level target names (CacheParams.targets, KDLosses.needs()) -> record families
-TARGET_ALIASES = {"detections": "det", "candidates": "cand", "tower_stats": "tower"}
-
-
-def wanted_families(targets: Iterable[str]) -> set[str]:
-    """Families selected by `targets` (names like 'fpn.0', families like 'fpn', or aliases)."""
-    out = set()
-    for t in targets:
-        out.add(TARGET_ALIASES.get(t, target_family(t)))
-    return out
-
-
-def select_names(names: Iterable[str], targets: Iterable[str] | None) -> list[str]:
-    """The target names selected by `targets`: exact names ('fpn.0'), families ('fpn') or the
-    config-level aliases ('detections' -> det.*, 'candidates' -> cand.*, 'tower_stats' -> tower.*)."""
-    names = list(names)
-    if targets is None:
-        return names
-    wanted = set(targets)
-    families = {TARGET_ALIASES.get(t, t) for t in wanted}
-    return [n for n in names if n in wanted or target_family(n) in families]
-
-
-def blob_digests(rec: EncodedRecord) -> dict:
-    """The checksum entry of one record in a done marker / sidecar."""
-    return {
-        "image_id": rec.image_id,
-        "view": rec.view,
-        "meta_sha256": hashlib.sha256(meta_bytes(rec.meta)).hexdigest(),
-        "sha256": {n: hashlib.sha256(b).hexdigest() for n, b in sorted(rec.blobs.items())},
-        "bytes": {n: len(b) for n, b in sorted(rec.blobs.items())},
-    }
-
-
-def record_key(image_id: int, view: str) -> str:
-    """The WebDataset sample key of a record."""
-    return f"{int(image_id):012d}_{view}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +114,18 @@ def write_static(root: Path, name: str, arrays: Mapping[str, np.ndarray]) -> Non
         atomic_write_bytes(root / "static" / f"{name}.npz", buf.getvalue())
     except OSError as err:
         raise StoreWriteError(_write_failure(f"static item {name!r}", root, err, None)) from err
+
+
+def load_codec_bases(root: Path, manifest: Manifest) -> CacheBases | None:
+    """static/codec_basis.npz as `CacheBases`, if the manifest records one (its sha256 checked)."""
+    want = manifest.statics.get(BASIS_STATIC)
+    if not want:
+        return None
+    path = Path(root) / "static" / f"{BASIS_STATIC}.npz"
+    if path.exists() and sha256_file(path) != want:
+        raise StoreReadError(f"{path} does not match the sha256 its manifest records (damaged or replaced): the "
+                             f"cache's cpca feature maps cannot be decoded without it; rebuild with {REBUILD} --overwrite")
+    return CacheBases(read_static(Path(root), BASIS_STATIC))
 
 
 def read_static(root: Path, name: str) -> dict[str, np.ndarray]:
@@ -432,8 +314,10 @@ class CacheReader(ABC):
         unpacked (lossless stage): arrays are `CompactArray`s for decoding on the training device
         (``defer_delta``: index parts stay delta-coded for the device's cumsum, `stores.codecs.unpack`)."""
         rec = self.get_encoded(image_id, view, targets)
+        bases = self.codec_bases()
         try:
-            return unpack_record(rec, defer_delta=defer_delta) if compact else decode_record(rec)
+            return (unpack_record(rec, defer_delta=defer_delta, bases=bases) if compact
+                    else decode_record(rec, bases=bases))
         except BlobDecodeError as err:
             raise StoreReadError(
                 f"image {image_id} view {view}: a stored blob does not decode ({err}) in "
@@ -448,6 +332,13 @@ class CacheReader(ABC):
 
     def read_static(self, name: str) -> dict[str, np.ndarray]:
         return read_static(self.root, name)
+
+    def codec_bases(self) -> CacheBases | None:
+        """The cache's PCA bases (cpca chains), read once and checked against the manifest's sha256;
+        None for a cache without them."""
+        if not hasattr(self, "_bases"):
+            self._bases = load_codec_bases(self.root, self.manifest)
+        return self._bases
 
     def static_names(self) -> list[str]:
         d = self.root / "static"

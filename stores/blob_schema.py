@@ -69,6 +69,10 @@ def _expected_parts(chain: CodecChain, shape: tuple, dtype: np.dtype) -> dict[st
         c = shape[0] if len(shape) else 1
         return {"basis": (np.dtype(np.float16), None), "mean": (np.dtype(np.float32), (c,)),
                 "q": (np.dtype(np.int16), None), "step": (np.dtype(np.float32), (1,))}
+    if t == "cpca":  # the basis is the cache's (stores.cache_basis), named by bid; q as for pcas
+        c = shape[0] if len(shape) else 1
+        return {"mean": (np.dtype(np.float32), (c,)), "q": (np.dtype(np.int16), None),
+                "step": (np.dtype(np.float32), (1,)), "bid": (np.dtype(np.uint8), (8,))}
     if t in ("zfp", "sz"):
         return {"data": (np.dtype(np.uint8), None)}
     raise AssertionError(t)  # pragma: no cover
@@ -79,6 +83,8 @@ def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, 
     expected = _expected_parts(chain, shape, dtype)
     if chain.transform == "topk" and "classes" not in parts:  # a legacy topk blob: decoded with the floor cap
         expected.pop("classes")
+    if chain.transform == "cpca" and "basis" in parts:  # attached from the cache (stores.cache_basis)
+        expected["basis"] = (np.dtype(np.float16), None)
     if set(parts) != set(expected):
         raise err(f"{chain.spec}: parts {sorted(parts)} do not match the chain's parts {sorted(expected)}")
     for name, (want_dtype, want_shape) in expected.items():
@@ -89,9 +95,9 @@ def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, 
             want_shape = (shape[0] if len(shape) else 1, len(parts["idx"]))
         if want_shape is not None and tuple(p.shape) != want_shape:
             raise err(f"{chain.spec}: part {name!r} has shape {tuple(p.shape)}, expected {want_shape}")
-        if want_shape is None and p.ndim != 1 and chain.transform != "pcas":
+        if want_shape is None and p.ndim != 1 and chain.transform not in ("pcas", "cpca"):
             raise err(f"{chain.spec}: part {name!r} must be 1-d, got shape {tuple(p.shape)}")
-    if chain.transform == "pcas":
+    if chain.transform in ("pcas", "cpca"):
         _check_pcas(parts, chain, shape, err)
     if chain.transform in ("sparse", "topk"):
         other = "val" if chain.transform == "sparse" else "q"
@@ -100,9 +106,16 @@ def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, 
 
 
 def _check_pcas(parts: dict, chain: CodecChain, shape: tuple, err) -> None:
-    """pcaKsS: basis [C, K'] and q [K', *cells] with K' <= min(K, C)."""
+    """pcaKsS: basis [C, K'] and q [K', *cells] with K' <= min(K, C); cpcaKsS: q alone (and the basis
+    once attached)."""
     c = shape[0] if len(shape) else 1
-    basis, q = parts["basis"], parts["q"]
+    q = parts["q"]
+    if chain.transform == "cpca" and "basis" not in parts:
+        if q.ndim < 1 or q.shape[0] > min(int(chain.param[0]), c) or tuple(q.shape[1:]) != tuple(shape[1:]):
+            raise err(f"{chain.spec}: part 'q' has shape {tuple(q.shape)}, expected "
+                      f"(<= {min(int(chain.param[0]), c)},) + {tuple(shape[1:])}")
+        return
+    basis = parts["basis"]
     kk = basis.shape[1] if basis.ndim == 2 else -1
     if basis.ndim != 2 or basis.shape[0] != c or not 0 <= kk <= min(int(chain.param[0]), c):
         raise err(f"{chain.spec}: part 'basis' has shape {tuple(basis.shape)}, expected ({c}, <= {min(int(chain.param[0]), c)})")

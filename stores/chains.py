@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "pcas", "zfp", "sz")
+TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "pcas", "cpca", "zfp", "sz")
 HOST_TRANSFORMS = ("zfp", "sz")  # computed by `pack` on the host (no torch encoder / decoder)
 INDEXED = ("sparse", "topk", "mask")  # transforms whose "idx" part is delta-filtered
 LOSSLESS = ("zstd", "blosc", "pco", "none")  # pco: pcodec (numcodecs.PCodec), 16-bit+ parts
@@ -37,14 +37,14 @@ CODEC_CHAINS_FOR_BENCH = [
 _VALID_FORMS = (
     "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
     "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), maskT (0 <= T <= 1), "
-    "pcaK (K >= 1), pcaKsS (K >= 1, S > 0), zfpT (0 < T < 1), szT (0 < T < 1) and lossless one of zstd, blosc, "
+    "pcaK (K >= 1), pcaKsS (K >= 1, S > 0), cpcaKsS (K >= 1, S > 0: the cache's own basis), zfpT (0 < T < 1), szT (0 < T < 1) and lossless one of zstd, blosc, "
     "pco, none; e.g. 'fp16+zstd', 'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca64s0.3+pco'"
 )
 
 @dataclass(frozen=True)
 class CodecChain:
     """A parsed chain. ``param`` is N for bitround, T for sparse / mask / zfp / sz, K for pca, (K, F)
-    for topk, (K, S) for pcas (written pcaKsS), None otherwise."""
+    for topk, (K, S) for pcas (written pcaKsS) and cpca (cpcaKsS), None otherwise."""
 
     transform: str
     lossless: str
@@ -63,6 +63,8 @@ class CodecChain:
             head = f"topk{self.param[0]}f{self.param[1]:g}"
         elif self.transform == "pcas":
             head = f"pca{self.param[0]}s{self.param[1]:g}"
+        elif self.transform == "cpca":
+            head = f"cpca{self.param[0]}s{self.param[1]:g}"
         else:
             head = self.transform
         return f"{head}+{self.lossless}"
@@ -82,7 +84,7 @@ _RE_TOPK = re.compile(r"^topk(\d+)f" + _NUM + "$")
 _RE_MASK = re.compile(r"^mask" + _NUM + "$")
 _RE_ZFP = re.compile(r"^zfp" + _NUM + "$")
 _RE_PCA = re.compile(r"^pca(\d+)$")
-_RE_PCAS = re.compile(r"^pca(\d+)s" + _NUM + "$")
+_RE_PCAS = re.compile(r"^(c?)pca(\d+)s" + _NUM + "$")
 _RE_SZ = re.compile(r"^sz" + _NUM + "$")
 
 
@@ -134,11 +136,11 @@ def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
             raise ValueError(f"bad codec chain {spec!r}: pca keeps K >= 1 components, got {k}")
         return CodecChain("pca", lossless, k)
     m = _RE_PCAS.match(head)
-    if m:
-        k, s = int(m.group(1)), float(m.group(2))
+    if m:  # pcaKsS: a basis per map, in the blob; cpcaKsS: one basis per cache (stores.cache_basis)
+        name, k, s = m.group(1) + "pca" + ("" if m.group(1) else "s"), int(m.group(2)), float(m.group(3))
         if k < 1 or not 0.0 < s < 1e3:
-            raise ValueError(f"bad codec chain {spec!r}: pcaKsS needs K >= 1 and 0 < S < 1000, got K={k}, S={s}")
-        return CodecChain("pcas", lossless, (k, s))
+            raise ValueError(f"bad codec chain {spec!r}: {m.group(1)}pcaKsS needs K >= 1 and 0 < S < 1000, got K={k}, S={s}")
+        return CodecChain(name, lossless, (k, s))
     m = _RE_SZ.match(head)
     if m:
         t = float(m.group(1))

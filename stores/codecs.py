@@ -38,6 +38,7 @@ u8p            q: uint8, S. ``round(clip(x, 0, 1) * 255)``; decoded ``q / 255`` 
 topkKfF        class maps: per-anchor top-K classes >= F, logit-domain uint8, explicit background;
 maskT          box maps only at cells whose class score >= T; pcaK: per-level channel PCA + int8;
 pcaKsS         per-level channel PCA, one quantiser step S * rms per level, int16 codes;
+cpcaKsS        pcaKsS against ONE basis per cache (fitted by stage 1, stored once): `stores.cache_basis`;
 zfpT, szT      ZFP / SZ3 with error bound T * max|x|. See `stores.transforms` for parts and rules.
 =============  =====================================================================================
 
@@ -71,7 +72,7 @@ import google_crc32c
 import msgpack
 import numpy as np
 
-from stores import transforms
+from stores import cache_basis, transforms
 from stores.blob_schema import BLOB_FORMAT, BLOB_VERSION, BlobDecodeError, _check_parts, _header
 from stores.chains import (  # noqa: F401  (re-exported: the chain grammar is part of the codec API)
     CODEC_CHAINS_FOR_BENCH,
@@ -92,7 +93,10 @@ from stores.lossless import (  # noqa: F401  (re-exported: callers import them f
     _zstandard,
     _zstd_content_size,
     _zstd_small,
+    decode_part,
+    deltas_in_range,
     require_libraries,
+    undelta_in_place,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -118,11 +122,12 @@ def _channels(x: np.ndarray) -> np.ndarray:
 
 
 def prepare(array: np.ndarray, chain: CodecChain | str, classes: int | None = None,
-            score: np.ndarray | None = None) -> dict[str, np.ndarray]:
+            score: np.ndarray | None = None, basis: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The transform: `array` -> its named parts (see the module docstring for each transform).
 
     Non-float arrays are stored raw whatever the chain says. `classes` groups a topk class map per
-    anchor; `score` is the class map a mask chain thresholds.
+    anchor; `score` is the class map a mask chain thresholds; `basis` is the cache's basis of this
+    map for a cpca chain (`stores.cache_basis`).
     """
     x = np.asarray(array)
     chain = effective_chain(x, chain)
@@ -161,6 +166,8 @@ def prepare(array: np.ndarray, chain: CodecChain | str, classes: int | None = No
         return transforms.pca_prepare(x32, int(chain.param))
     if t == "pcas":
         return transforms.pcas_prepare(x32, int(chain.param[0]), float(chain.param[1]))
+    if t == "cpca":
+        return cache_basis.cpca_prepare(x32, basis, float(chain.param[1]))
     if t == "zfp":
         return transforms.zfp_prepare(x32, float(chain.param))
     if t == "sz":
@@ -216,11 +223,11 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
 
 
 def encode(array: np.ndarray, chain: CodecChain | str, classes: int | None = None,
-           score: np.ndarray | None = None) -> bytes:
+           score: np.ndarray | None = None, basis: np.ndarray | None = None) -> bytes:
     """One array -> blob (= ``pack(prepare(array, chain, ...), chain, array.shape, array.dtype)``)."""
     x = np.asarray(array)
     eff = effective_chain(x, chain)
-    return pack(prepare(x, eff, classes=classes, score=score), eff, x.shape, x.dtype)
+    return pack(prepare(x, eff, classes=classes, score=score, basis=basis), eff, x.shape, x.dtype)
 
 
 def blob_info(blob: bytes | dict) -> dict:
@@ -292,24 +299,14 @@ def undelta(parts: dict) -> dict:
     return out
 
 
-def _undelta_in_place(arr: np.ndarray) -> None:
-    """Undo the delta filter in place, in C order (an int8c map's q too): no second part-sized array."""
-    np.cumsum(arr.reshape(-1), dtype=arr.dtype, out=arr.reshape(-1))
+# `unpack`'s per-part work lives in `stores.lossless` (decode_part, undelta_in_place, deltas_in_range)
+_undelta_in_place = undelta_in_place
+_deltas_in_range = deltas_in_range
 
 
-def _deltas_in_range(d: np.ndarray, n: int) -> bool:
-    """True if the running sums of the uint32 differences `d` stay below `n` (<= 2**31) without
-    wrapping, so their int64 cumsum (on the device) is exactly the reference's uint32 cumsum and
-    every index is < n. The exact sum is bounded first by d[0] + max(d[1:]) * (len - 1): dense
-    indices (differences of 1) pass without summing."""
-    if d.size == 0:
-        return True
-    first = int(d[0])
-    if d.size == 1:
-        return first < n
-    if first + int(d[1:].max()) * (d.size - 1) < n:
-        return True
-    return int(d.sum(dtype=np.uint64)) < n
+@functools.lru_cache(maxsize=256)
+def _dtype_name(s: str) -> str:
+    return _dtype(s).name  # np.dtype.name is a Python property (~2 us); unpack names one per blob
 
 
 def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
@@ -323,31 +320,18 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
     h = _header(blob)
     try:
         chain = _chain(h["chain"])
-        shape = tuple(int(s) for s in h["shape"])
+        shape = tuple(map(int, h["shape"]))
         dtype = _dtype(h["dtype"])
         parts = {}
         deferred = None
         for name, p in h["parts"].items():
             dt = _dtype(p["dtype"])
-            pshape = tuple(int(s) for s in p["shape"])
+            pshape = tuple(map(int, p["shape"]))
             nbytes = math.prod(pshape) * dt.itemsize
-            codec, raw = p["codec"], p["bytes"]
-            if codec == "zstd" and _zstd_content_size(raw) == nbytes:
-                if nbytes < _SMALL_PART and _zstandard is not None:
-                    data = _zstd_small(raw)
-                else:
-                    # straight into a writable buffer of the expected size, no copy after it (the loader's
-                    # hot path); the frame's own size is checked first: numcodecs accepts a larger buffer
-                    data = np.empty(nbytes, dtype=np.uint8)
-                    _ZSTD.decode(raw, out=data)
-            elif codec == "pco":  # pcodec hands back a writable array: its bytes as they are, no copies
-                data = np.ascontiguousarray(_pcodec().decode(raw)).reshape(-1).view(np.uint8)
-            else:
-                data = _decompress(codec, raw)
-            if "crc32" in p and zlib.crc32(data) != p["crc32"]:
-                raise BlobDecodeError(f"part {name!r} fails its crc32 (damaged bytes)")
-            if "crc32c" in p and google_crc32c.value(data) != p["crc32c"]:  # pco parts (hardware crc32c)
-                raise BlobDecodeError(f"part {name!r} fails its crc32c (damaged bytes)")
+            try:
+                data = decode_part(p, nbytes)
+            except BlobDecodeError as err:
+                raise BlobDecodeError(f"part {name!r} {err}") from None
             if len(data) != nbytes:
                 raise BlobDecodeError(f"part {name!r}: {len(data)} bytes for shape {pshape} of {dt}")
             # native order and writable (frombuffer views of bytes are read-only): torch.from_numpy
@@ -380,7 +364,7 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
         raise
     except Exception as err:  # corrupt header fields, failed decompression, bad shapes
         raise BlobDecodeError(f"corrupt blob ({type(err).__name__}: {err})") from None
-    return CompactArray(chain.spec, shape, dtype.name, parts)
+    return CompactArray(chain.spec, shape, _dtype_name(h["dtype"]), parts)
 
 
 def decode_compact(c: CompactArray) -> np.ndarray:
@@ -389,6 +373,8 @@ def decode_compact(c: CompactArray) -> np.ndarray:
     # CPU tensors (a loader's) are read in place; parts handed on still delta-coded get their cumsum
     parts = undelta({k: np.asarray(v) for k, v in c.parts.items()})
     shape, t = tuple(c.shape), chain.transform
+    if t == "cpca" and "basis" not in parts:
+        raise BlobDecodeError(cache_basis.NEEDS_BASIS)
     try:
         if t == "raw":
             return parts["data"].astype(np.dtype(c.dtype), copy=True)
@@ -409,7 +395,7 @@ def decode_compact(c: CompactArray) -> np.ndarray:
             return transforms.mask_decode(parts, shape)
         if t == "pca":
             return transforms.pca_decode(parts, shape)
-        if t == "pcas":
+        if t in ("pcas", "cpca"):
             return transforms.pcas_decode(parts, shape)
         if t == "zfp":
             return transforms.zfp_decode(parts, shape)
@@ -420,10 +406,11 @@ def decode_compact(c: CompactArray) -> np.ndarray:
     raise BlobDecodeError(f"unknown transform in chain {c.chain!r}")  # pragma: no cover
 
 
-def decode(blob: bytes | dict) -> np.ndarray:
+def decode(blob: bytes | dict, bases: cache_basis.CacheBases | None = None) -> np.ndarray:
     """Self-describing blob -> array: float32 for lossy chains, else the original dtype.
 
     Raises BlobDecodeError (a ValueError) on corrupt or foreign bytes, never returns garbage
     silently for the compressed chains (zstd frames carry a checksum, blosc checks its sizes).
+    `bases`: the cache's PCA bases, which cpca blobs need (`stores.cache_basis`).
     """
-    return decode_compact(unpack(blob))
+    return decode_compact(cache_basis.attach_basis(unpack(blob), bases))

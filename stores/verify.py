@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from stores.base import REBUILD, StoreError, meta_bytes, target_family
+from stores.base import REBUILD, StoreError, load_codec_bases, meta_bytes, target_family
 from stores.codecs import BlobDecodeError, blob_info, decode
 from stores.manifest import MANIFEST_NAME, STORE_ENTRIES, Manifest
 from stores.wds_store import WdsCacheReader, shard_path, sidecar_path
@@ -71,7 +71,8 @@ def verify_store(
     for fmt in report.formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
-        n_ok, miss = (_verify_zarr if fmt == "zarr" else _verify_wds)(root, manifest, report, decode, progress)
+        decoder = _blob_decoder(root, manifest) if decode else None
+        n_ok, miss = (_verify_zarr if fmt == "zarr" else _verify_wds)(root, manifest, report, decoder, progress)
         report.n_records += n_ok
         report.per_format[fmt] = {"n_records": n_ok, "missing_blocks": miss}
         missing.update(miss)
@@ -84,6 +85,22 @@ def verify_store(
             report.warnings.append(f"leftover temp file {p} (from an interrupted writer): safe to delete")
     report.ok = not report.errors
     return report
+
+
+def _blob_decoder(root: Path, manifest: Manifest):
+    """decode(blob) with the cache's PCA bases attached; without usable bases (reported once by
+    `_verify_statics`) the cpca blobs are checksummed but not decoded, not reported one by one."""
+    try:
+        bases = load_codec_bases(root, manifest)
+    except StoreError:
+        bases = None
+
+    def decoder(blob: bytes) -> None:
+        if bases is None and blob_info(blob)["chain"].startswith("cpca"):
+            return
+        decode(blob, bases)
+
+    return decoder
 
 
 def _verify_statics(root: Path, manifest: Manifest, report: VerifyReport) -> None:
@@ -179,7 +196,7 @@ def _check_record(fmt, block, expected, rec_meta_raw, blobs, digest, where, erro
             ok = False
         elif decode_blobs:
             try:
-                decode(blob)
+                decode_blobs(blob)
             except BlobDecodeError as err:
                 errors.append(f"{tag}: target {name} does not decode ({err}) in {where}")
                 ok = False
@@ -331,6 +348,9 @@ def store_summary(root: str | Path, *, fmt: str | None = None, max_records: int 
         "levels": manifest.levels,
         "formats": present,
         "codecs": manifest.fingerprint.get("codecs", {}),
+        # once-per-cache items (teacher head, the cpca chains' PCA bases): bytes on disk, not per record
+        "statics_bytes": {p.stem: p.stat().st_size for p in sorted((root / "static").glob("*.npz"))}
+        if (root / "static").exists() else {},
         "created": manifest.meta,
         "format_read": fmt,
     }

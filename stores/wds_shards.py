@@ -201,14 +201,15 @@ def verify_sample(sample: dict, targets: Iterable[str] | None = None) -> None:
 
 
 def decode_sample(sample: dict, targets: Iterable[str] | None = None, compact: bool = False,
-                  verify: bool = True, defer_delta: bool = False) -> DecodedRecord:
+                  verify: bool = True, defer_delta: bool = False, bases=None) -> DecodedRecord:
     """A webdataset sample of a cache shard -> DecodedRecord (rec["meta"], rec["arrays"]).
 
     For ``webdataset.WebDataset(reader.shard_paths())`` pipelines (raw bytes: no ``.decode()``).
     With `verify` (default) the sample is checked against its shard's sidecar checksums first
     (`verify_sample`). ``compact=True`` only undoes the lossless stage: arrays are `CompactArray`s
     for decoding on the training device (``defer_delta``: index parts stay delta-coded for the
-    device's cumsum, `stores.codecs.unpack`). Raises StoreReadError naming the sample and its shard if
+    device's cumsum, `stores.codecs.unpack`); `bases`: the cache's PCA bases, which cpca blobs need
+    (``reader.codec_bases()``). Raises StoreReadError naming the sample and its shard if
     it is incomplete or corrupt.
     """
     where = sample.get("__url__", "a cache shard")
@@ -216,7 +217,8 @@ def decode_sample(sample: dict, targets: Iterable[str] | None = None, compact: b
         verify_sample(sample, targets)
     try:
         rec = sample_to_record(sample)
-        return unpack_record(rec, targets, defer_delta) if compact else decode_record(rec, targets)
+        return (unpack_record(rec, targets, defer_delta, bases) if compact
+                else decode_record(rec, targets, bases))
     except (KeyError, ValueError) as err:  # BlobDecodeError is a ValueError
         raise StoreReadError(
             f"sample {sample.get('__key__')} of {where} is incomplete or corrupt ({err}); delete that shard "

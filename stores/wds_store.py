@@ -279,7 +279,7 @@ class WdsCacheReader(CacheReader):
         """Stream decoded records of `shards` (default: every completed shard, in block order)."""
         for rec in self.iter_encoded(shards):
             try:
-                yield decode_record(rec, targets)
+                yield decode_record(rec, targets, self.codec_bases())
             except BlobDecodeError as err:
                 raise StoreReadError(
                     f"image {rec.image_id} view {rec.view}: a blob does not decode ({err}); the shard holding "

@@ -1,4 +1,4 @@
-"""Torch encoders of the compact transforms (topk, mask, pca, pcas) on the teacher's device.
+"""Torch encoders of the compact transforms (topk, mask, pca, pcas, cpca) on the teacher's device.
 
 Each returns the parts `stores.transforms` documents, so `stores.codecs.pack` frames them after the
 device-to-host copy. topk and mask are selections, comparisons, table look-ups and IEEE float32
@@ -10,9 +10,13 @@ any decoder reproduces what was stored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from stores.cache_basis import basis_id
 from stores.transforms import logit_tables, pcas_kept, pcas_step
 
 
@@ -134,3 +138,37 @@ def pcas_prepare(x: Tensor, k: int, rel_step: float) -> dict[str, Tensor]:
     kk = pcas_kept(q.abs().amax(dim=1).cpu().numpy() if q.numel() else [])
     return {"basis": basis16[:, :kk].contiguous(), "mean": mean32,
             "q": q[:kk].reshape((kk,) + tuple(x.shape[1:])).contiguous(), "step": step}
+
+
+def cpca_prepare(x: Tensor, basis, rel_step: float) -> dict[str, Tensor]:
+    """cpcaKsS (`stores.cache_basis.cpca_prepare`) against the cache's basis: `basis` is the float16
+    [C, K] basis as a numpy array (its id is computed once and kept) or a `DeviceBasis`."""
+    if basis is None:
+        raise ValueError("cpca: no cache basis for this map (static/codec_basis.npz is fitted by pipeline.cache_teacher)")
+    if not isinstance(basis, DeviceBasis):
+        basis = DeviceBasis.of(basis, x.device)
+    if x.dim() < 2 or basis.basis.shape[0] != x.shape[0]:
+        raise ValueError(f"cpca: basis {tuple(basis.basis.shape)} does not fit a map of shape {tuple(x.shape)}")
+    flat = x.reshape(x.shape[0], -1)
+    mean32 = flat.double().mean(dim=1).float() if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    centred = flat - mean32[:, None]
+    var = float((centred.double() ** 2).mean()) if centred.numel() else 0.0
+    coeff = basis.basis.float().T @ centred
+    amax = float(coeff.abs().max()) if coeff.numel() else 0.0
+    step = torch.from_numpy(pcas_step(var, rel_step, amax)).to(x.device)
+    q = torch.round(coeff / step).to(torch.int16)
+    kk = pcas_kept(q.abs().amax(dim=1).cpu().numpy() if q.numel() else [])
+    return {"mean": mean32, "q": q[:kk].reshape((kk,) + tuple(x.shape[1:])).contiguous(), "step": step,
+            "bid": basis.bid}
+
+
+@dataclass(frozen=True)
+class DeviceBasis:
+    """A cache basis on the teacher's device, with its blob id (`stores.cache_basis.basis_id`)."""
+
+    basis: Tensor
+    bid: Tensor
+
+    @classmethod
+    def of(cls, basis: np.ndarray, device: torch.device | str) -> DeviceBasis:
+        return cls(torch.from_numpy(np.ascontiguousarray(basis)).to(device), torch.from_numpy(basis_id(basis)))

@@ -33,6 +33,7 @@ from stages.data.views import View
 from stages.detectors.contract import DetectorOutput, TowerFeatures
 from stages.distill.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stores.base import decode_record, encode_record
+from stores.cache_basis import CacheBases
 
 
 def _proxy(live: torch.Tensor, seed: int) -> torch.Tensor:
@@ -128,19 +129,22 @@ def leaf_outputs(out: DetectorOutput) -> tuple[DetectorOutput, list[Tensor]]:
 
 
 def roundtrip(records: list[dict[str, Tensor]], codecs: Mapping[str, str], num_classes: int,
-              sink: list | None = None) -> tuple[list[dict[str, int]], list[dict[str, Tensor]]]:
+              sink: list | None = None, bases: Mapping[str, np.ndarray] | None = None,
+              ) -> tuple[list[dict[str, int]], list[dict[str, Tensor]]]:
     """Each live record encoded as stage 1 stores it, and decoded back onto the records' device.
     Returns (per record {target name: stored bytes}, decoded records); the `stores.EncodedRecord`s
-    are appended to `sink` when given (e.g. to write a store of them)."""
+    are appended to `sink` when given (e.g. to write a store of them). `bases`: the PCA bases by
+    target name that cpca chains code against (`stores.cache_basis`; fitted on other images)."""
     sizes, decoded = [], []
+    attach = CacheBases(bases) if bases else None
     for rec in records:
         device = next(iter(rec.values())).device
         arrays = {name: t.detach().cpu().numpy() for name, t in rec.items()}
-        enc = encode_record(0, "fidelity", {}, arrays, codecs, num_classes)
+        enc = encode_record(0, "fidelity", {}, arrays, codecs, num_classes, bases)
         sizes.append({name: len(blob) for name, blob in enc.blobs.items()})
         if sink is not None:
             sink.append(enc)
-        decoded.append(cached_records_to_device([decode_record(enc).arrays], device)[0])
+        decoded.append(cached_records_to_device([decode_record(enc, bases=attach).arrays], device)[0])
     return sizes, decoded
 
 
@@ -212,7 +216,8 @@ def gradient_fidelity(kd: Mapping[str, nn.Module], student_out: DetectorOutput, 
 
 def measure_gradient_fidelity(teacher: nn.Module, student: nn.Module, kd: Mapping[str, nn.Module],
                               batches: Iterable[dict], codec_sets: Mapping[str, Mapping[str, str]],
-                              targets: list[str], reuse_index: int, sinks: Mapping[str, list] | None = None) -> dict:
+                              targets: list[str], reuse_index: int, sinks: Mapping[str, list] | None = None,
+                              bases: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict:
     """Gradient and target fidelity of each codec set (name -> {family: chain}, or a callable
     (batch, live records) -> (per record {name: bytes}, cached records)) over `batches`
     ({"images" [B,3,H,W] on the device, "image_sizes", "targets": GT dicts on the device}). The
@@ -223,7 +228,7 @@ def measure_gradient_fidelity(teacher: nn.Module, student: nn.Module, kd: Mappin
     "targets": {family: cosine_min / max_abs_error / live_abs_max}, "bytes_per_record": mean,
     "bytes_by_target": {family: mean bytes per record}, "records": n, "teacher_cls": mean fractions of
     class probabilities >= 0.01 / 0.05 / 0.5 and their max (a teacher at its prior has ~0)}}; a set's encoded records go to
-    `sinks[set]` when given (see `roundtrip`)."""
+    `sinks[set]` when given (see `roundtrip`); `bases[set]` are the PCA bases of a set's cpca chains."""
     state = {name: {"per_batch": [], "sizes": [], "errors": {}} for name in codec_sets}
     cls_stats: list[list[float]] = []  # how far the teacher's class maps are from its prior
     strides = list(student.strides)
@@ -244,7 +249,8 @@ def measure_gradient_fidelity(teacher: nn.Module, student: nn.Module, kd: Mappin
             if callable(codecs):  # the cached side comes from elsewhere (e.g. a store: cached_gradient_fidelity)
                 rec_sizes, cached = codecs(batch, live)
             else:
-                rec_sizes, cached = roundtrip(live, codecs, teacher.num_classes, (sinks or {}).get(name))
+                rec_sizes, cached = roundtrip(live, codecs, teacher.num_classes, (sinks or {}).get(name),
+                                              (bases or {}).get(name))
             st["sizes"] += rec_sizes
             for family, row in target_errors(live, cached).items():
                 agg = st["errors"].setdefault(family, dict(row))
@@ -292,7 +298,7 @@ def cached_gradient_fidelity(reader, teacher: nn.Module, student: nn.Module, kd:
     def from_cache(batch, live):
         rec = reader.get_encoded(*batch["key"])
         return [{n: len(blob) for n, blob in rec.blobs.items()}], cached_records_to_device(
-            [decode_record(rec).arrays], device)
+            [decode_record(rec, bases=reader.codec_bases()).arrays], device)
 
     out = measure_gradient_fidelity(teacher, student, kd, batches, {"cache": from_cache}, targets, reuse_index)
     return out["cache"]

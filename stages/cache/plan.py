@@ -19,6 +19,7 @@ from stages.cache.fingerprint import (
     keep_cached_plan,
     stale_blocks,
 )
+from stages.cache.basis import CPCA_FAMILIES, ensure_bases
 from stages.cache.targets import ALL_TARGETS, DENSE_TARGETS
 from stages.config import Params
 from stages.data.coco import CocoDataset
@@ -87,6 +88,12 @@ def codec_spec(params: Params) -> dict[str, str]:
             require_libraries(parsed)  # zfp / sz / '+pco' need their packages: say so before any work
         except ValueError as err:
             raise ValueError(f"cache.codecs.{family}: {err}") from None
+        if parsed.transform == "cpca" and family not in CPCA_FAMILIES:
+            raise ValueError(f"cache.codecs.{family}: {parsed.spec} codes feature maps against one basis per "
+                             f"level: use it for {', '.join(CPCA_FAMILIES)}")
+        if parsed.transform == "cpca" and params.cache.basis_images < 1:
+            raise ValueError(f"cache.basis_images is {params.cache.basis_images}: cache.codecs.{family} "
+                             f"({parsed.spec}) fits its basis on these images; set it >= 1 (e.g. 16)")
         if parsed.transform == "topk" and family != "cls":  # per-anchor classes: class maps only
             raise ValueError(f"cache.codecs.{family}: {parsed.spec} is for class maps (cls) only")
         if parsed.transform == "mask" and (family not in ("box", "quality") or "cls" not in params.cache.targets):
@@ -219,6 +226,8 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
         exif_transpose=params.data.exif_transpose,
     )
     writers = [WRITERS[f](root, manifest) for f in job.formats]
+    manifest = ensure_bases(root, manifest, manifest.fingerprint["codecs"], teacher, dataset,
+                            params.cache.basis_images, params.cache.device, writers[0])
     if "head" in manifest.fingerprint["targets"]:
         manifest = _ensure_head(root, manifest, teacher, writers[0])
     return job, manifest

@@ -44,7 +44,7 @@ def valid_cells(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 def device_prepare(x: Tensor, chain: CodecChain, classes: int | None = None,
-                   score: Tensor | None = None) -> dict[str, Tensor]:
+                   score: Tensor | None = None, basis=None) -> dict[str, Tensor]:
     """Codec parts of `x` computed on x's device; the same parts as `stores.codecs.prepare`
     (names, dtypes, rounding: bit for bit, tests hold the two to each other) so
     `stores.codecs.pack` frames them after the host copy. Sparse indices are int32 (int64 past
@@ -59,6 +59,8 @@ def device_prepare(x: Tensor, chain: CodecChain, classes: int | None = None,
     if chain.transform == "raw" or not x.is_floating_point():
         return {"data": x}
     x = x.float()
+    if chain.transform == "cpca":  # `basis`: the cache's (numpy, or a device_codecs.DeviceBasis)
+        return device_codecs.cpca_prepare(x, basis, float(chain.param[1]))
     if chain.transform in ("topk", "mask", "pca", "pcas", "zfp", "sz"):
         return _compact_prepare(x, chain, classes, score)
     if chain.transform == "fp16":

@@ -41,7 +41,8 @@ from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.checkpoint import load_teacher
 from stages.training import resolve_device
-from stores.base import EncodedRecord, codec_inputs, target_family
+from stages.cache.device_codecs import DeviceBasis
+from stores.base import EncodedRecord, codec_inputs, load_codec_bases, target_family
 from stores.codecs import CodecChain, effective_chain, pack, parse_chain
 from stores.manifest import Manifest
 
@@ -74,6 +75,8 @@ def _worker_state(job: CacheJob) -> dict[str, Any]:
         )
         with claim(job.digest, "store"):  # opening checks/creates folders: one worker at a time
             _WORKER["writers"] = [WRITERS[f](job.root, manifest) for f in job.formats]
+        bases = load_codec_bases(Path(job.root), manifest)  # cpca chains: the cache's basis, on the device once
+        _WORKER["bases"] = {n: DeviceBasis.of(b, _WORKER["device"]) for n, b in bases.by_name.items()} if bases else None
     if "encoder" not in _WORKER:
         _WORKER["encoder"] = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="kdcache-encode")
     return _WORKER
@@ -213,7 +216,8 @@ def compute_block(job: CacheJob, block: int) -> ComputedBlock | None:
             host = []
             for b, rec in enumerate(records):
                 arrays = {n: _prepare_array(t, codecs.get(n.split(".")[0], DEFAULT_CHAIN),
-                                            **codec_inputs(n, rec, teacher.num_classes)) for n, t in rec.items()}
+                                            **codec_inputs(n, rec, teacher.num_classes, state["bases"]))
+                          for n, t in rec.items()}
                 meta = record_meta(batch["image_ids"][b], batch["views"][b], batch["image_sizes"][b],
                                    tuple(images.shape[-2:]), teacher.strides)
                 host.append((int(batch["image_ids"][b]), batch["views"][b], meta, arrays))

@@ -7,7 +7,7 @@ by the training device, so the CPU never inflates a record on the hot path.
 
 Every transform mirrors `stores.codecs.decode_compact` (the numpy reference) operation for
 operation; elementwise float32 products and quotients, gathers and scatters are IEEE-exact, so
-the two decodes agree bit for bit. The exception is pca / pcas (a float32 matmul, whose summation
+the two decodes agree bit for bit. The exception is pca / pcas / cpca (a float32 matmul, whose summation
 order is the BLAS's own): equal to the reference within float32 rounding of the product. zfp and sz
 have no torch decoder: they are decoded by their libraries on the host and copied.
 """
@@ -70,6 +70,8 @@ def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
     t = chain.transform
     if t in HOST_TRANSFORMS:  # zfp, sz: library decoders on the host
         return to_device(decode_compact(c), device)
+    if t == "cpca":
+        return _cpca_on_device(c, device)
     p = {k: to_device(v, device) for k, v in c.parts.items() if k != "classes"}  # classes: a host-side int
     for k in [k for k in p if k.endswith(DELTA_SUFFIX)]:  # differences handed on by the worker
         p[k[: -len(DELTA_SUFFIX)]] = p.pop(k).long().cumsum(0)  # checked by unpack: no wrap, in range
@@ -109,6 +111,27 @@ def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
         q = p["q"].reshape(p["q"].shape[0], n // shape[0] if shape[0] else 0).float() * p["step"][0]
         return (p["basis"].float() @ q + p["mean"][:, None]).reshape(shape)
     raise ValueError(f"no device decoder for chain {c.chain!r}")
+
+
+_BASES: dict[tuple[bytes, int, str], Tensor] = {}  # cpca: the cache's bases, copied once per device
+
+
+def _cpca_on_device(c: CompactArray, device: torch.device) -> Tensor:
+    """cpcaKsS as pcaKsS, with the basis (attached by the reader, `stores.cache_basis`) copied to
+    the device once per (basis id, K') instead of once per record."""
+    if "basis" not in c.parts:
+        decode_compact(c)  # raises the reference's error: the blob was read without its cache's basis
+    q = c.parts["q"]
+    key = (np.asarray(c.parts["bid"]).tobytes(), int(q.shape[0]), str(device))
+    basis = _BASES.get(key)
+    if basis is None:
+        if len(_BASES) >= 256:  # levels x distinct K' of the caches in use; bounded all the same
+            _BASES.clear()
+        basis = _BASES[key] = to_device(c.parts["basis"], device).float()
+    shape = tuple(c.shape)
+    cells = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    codes = to_device(q, device).reshape(q.shape[0], cells).float() * to_device(c.parts["step"], device)[0]
+    return (basis @ codes + to_device(c.parts["mean"], device)[:, None]).reshape(shape)
 
 
 def record_to_device(rec: dict, device: torch.device) -> dict[str, Tensor]:

@@ -226,8 +226,10 @@ def _batch_source(distill, coco, views, reader, cfg, targets, pin: bool = False)
 
         cached_views(reader, coco, views)  # a partial cache is refused as the Zarr source refuses it
 
+        bases = reader.codec_bases()  # cpca feature chains: the cache's PCA bases, read once
+
         def decode(sample):  # checksums checked; compact parts, dequantised on the training device
-            return decode_sample(sample, targets, compact=True, defer_delta=True)
+            return decode_sample(sample, targets, compact=True, defer_delta=True, bases=bases)
 
         # WebDataset: each rank (node) and DataLoader worker streams its own shards
         return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start,
