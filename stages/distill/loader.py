@@ -37,10 +37,16 @@ def tune_malloc() -> bool:
     parts) in glibc's heap instead of fresh mmaps, once per process. glibc's default serves such
     blocks with mmap and trims freed heap tops, so every record faulted in (and the kernel zeroed)
     its ~10 MB of buffers again: about 1000 page faults per 1.8 MB record, 15-20 % of the worker's
-    CPU time (measured with bench/loader.py). No-op off glibc; returns whether it applied."""
+    CPU time (measured with bench/loader.py). No-op off glibc; returns whether it applied.
+
+    Also keeps blosc parts (the '+bzstd' / '+blz4' lossless stages) decoding in the worker's own
+    thread: numcodecs would start its blosc pool in each worker's main thread, cores x workers."""
     pid = os.getpid()
     if pid in _TUNED:
         return True
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False
     if not sys.platform.startswith("linux"):
         return False
     try:
