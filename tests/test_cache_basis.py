@@ -23,7 +23,7 @@ from stages.distill.device_decode import decode_on_device
 from stores.base import StoreReadError
 from stores.cache_basis import BasisFit, CacheBases, cpca_prepare
 from stores.codecs import BlobDecodeError, decode, encode, unpack
-from stores.verify import verify_store
+from stores.verify import store_summary, verify_store
 from tests.cache_fixtures import build_cache, copy_cache, tiny_params
 
 pytest_plugins = ["tests.cache_fixtures"]
@@ -140,6 +140,7 @@ def test_cache_fits_one_basis_and_both_formats_decode_against_it(cpca_cache):
                 np.testing.assert_allclose(on_device, cached[name], rtol=1e-5, atol=1e-5)
                 assert "basis" not in reader.get_encoded(*key, [name]).blobs  # not stored per record
     assert verify_store(root).ok
+    assert store_summary(root)["statics_bytes"]["codec_basis"] == basis_file.stat().st_size  # inspect_cache shows it
 
 
 def test_a_rerun_keeps_the_basis_and_a_damaged_one_is_refused(cpca_cache, tmp_path):
