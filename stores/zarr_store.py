@@ -48,12 +48,10 @@ import asyncio
 import contextlib
 import json
 import os
-import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import google_crc32c  # zarr's own crc32c implementation (its Crc32cCodec uses it)
 import msgpack
 import numpy as np
 import zarr
@@ -75,6 +73,7 @@ from stores.base import (
     wanted_families,
 )
 from stores.manifest import CacheMismatchError, atomic_write_bytes
+from stores.zarr_shards import _SHARD_CODECS, _NotFast, read_inner_chunk  # noqa: F401  (re-exported)
 
 try:  # zarr's async core lets one record's arrays be read concurrently
     from zarr.core.sync import sync as _zarr_sync
@@ -97,66 +96,7 @@ def _quiet():
 LAYOUT = "kdcache-zarr-family-vlen-sharded-v1"
 SUBDIR = "zarr"
 
-# The shard codec configuration `_create_vlen` writes. Arrays whose zarr.json says exactly this are
-# read by `_ShardFiles` (the file bytes, checked with the same crc32c as zarr); any other is read by zarr.
-_SHARD_CODECS = [{
-    "name": "sharding_indexed",
-    "configuration": {
-        "chunk_shape": [1],
-        "codecs": [{"name": "vlen-bytes", "configuration": {}}, {"name": "crc32c"}],
-        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-        "index_location": "end",
-    },
-}]
-_EMPTY = 2**64 - 1  # the shard index's (offset, nbytes) of a chunk never written
-
-
-class _NotFast(Exception):
-    """The direct read did not find what zarr writes (damage, another layout): read through zarr,
-    which raises the error `ZarrCacheReader._corrupt` turns into a one-line message."""
-
-
-def _crc_ok(data: bytes) -> bool:
-    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
-
-
-def read_inner_chunk(path: Path, i: int, chunks_per_shard: int) -> bytes:
-    """Element `i` of the one-record inner chunk `i` of a sharded variable-length-bytes shard file.
-
-    Why not zarr: a zarr read costs ~1 ms of fixed overhead per array (event loop round trip, codec
-    pipeline); a record is 4-7 arrays, so at 300 records/s per worker zarr alone would take the whole
-    budget. This reads the same bytes zarr would (zarr v3 sharding spec: inner chunks, then the index
-    of (offset, nbytes) uint64 little-endian pairs plus its crc32c at the end; each chunk is
-    numcodecs vlen-bytes (uint32 count, uint32 length, bytes) plus its crc32c) and checks both
-    checksums; anything unexpected raises `_NotFast` so that zarr itself reads (and reports) it.
-    tests/test_zarr_store.py checks it against zarr's own reads."""
-    n_index = 16 * chunks_per_shard + 4
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < n_index:
-                raise _NotFast
-            f.seek(size - n_index)
-            index = f.read(n_index)
-            if not _crc_ok(index):
-                raise _NotFast
-            offset, nbytes = struct.unpack_from("<QQ", index, 16 * i)
-            if offset == _EMPTY and nbytes == _EMPTY:
-                return b""  # the array's fill value
-            if nbytes < 12 or offset + nbytes > size - n_index:
-                raise _NotFast
-            f.seek(offset)
-            chunk = f.read(nbytes)
-    except FileNotFoundError:
-        return b""  # zarr reads a missing shard as fill values too
-    except OSError as err:
-        raise _NotFast from err
-    if not _crc_ok(chunk):
-        raise _NotFast
-    count, length = struct.unpack_from("<II", chunk, 0)
-    if count != 1 or 8 + length != nbytes - 4:
-        raise _NotFast
-    return chunk[8 : 8 + length]
+# the direct shard reads (`read_inner_chunk`, the codec layout they expect) live in stores.zarr_shards
 
 
 def _vlen_array(group: zarr.Group, name: str, n: int, block_size: int) -> zarr.Array:
