@@ -1,6 +1,7 @@
 """Real-scale caches (issue 9): bytes, loader speed and KD fidelity at an 800x1344 view, per teacher.
 
-    python -m bench.realscale [--device cpu|cuda] [--images N] [--student-steps N] [--teachers demo,synth20,coco]
+    python -m bench.realscale [--device cpu|cuda] [--images N] [--student-steps N]
+                              [--teachers demo,synth20,coco,coco-synth90] [--sets a,b] [--basis-images N]
 
 Teacher rows (say plainly which figures come from which):
   demo     the demo teacher (params.yaml: RetinaNet R50, FPN 64, 2 head convs, 6 classes), the
@@ -10,12 +11,15 @@ Teacher rows (say plainly which figures come from which):
   coco     a COCO-like shape: RetinaNet R50, FPN 256, 4 head convs, 80 classes, seeded RANDOM weights
            (no trained COCO weights here; its class maps sit at the prior, so its cls bytes and
            errors are not a trained teacher's)
+  coco-synth90  the same COCO shape with 90 classes, trained briefly from scratch on synthetic data
+           (profiles/synth90.yaml, runs/synth90/teacher/model.pt): sparse class maps like a trained
+           detector's, but not a good detector and not COCO's weights
 A row whose checkpoint is missing is reported as skipped with the command that makes it.
 
 Per row, on N images rendered natively at 800x1344 from the teacher's own synthetic classes
 (`stages.data.synthetic.render_image`; objects 16-480 px, view scale 1):
-  * a student (the profile's: R18 FPN 32; coco row: R18 FPN 256, 4 convs) and every KD method's
-    trainable parts are first trained `--student-steps` AdamW steps (a quarter for the coco row) on GT loss + all seven KD losses
+  * a student (the profile's: R18 FPN 32; coco rows: R18 FPN 256, 4 convs) and every KD method's
+    trainable parts are first trained `--student-steps` AdamW steps (a quarter for the coco rows) on GT loss + all seven KD losses
     (live targets) at a 320x544 view of other rendered images: "a student that has trained a while";
   * `stages.cache.fidelity.measure_gradient_fidelity` then gives, per method (mse, cosine, cskd,
     ssim, crosskd, rm, pfi; the registry's real losses, weight 1), the cosine between the KD loss's
@@ -73,7 +77,7 @@ from stores.manifest import MANIFEST_NAME, SCHEMA_VERSION, is_store, remove_stor
 NAME = "realscale"
 VIEW_HW = (800, 1344)  # the issue's view (--view changes it for smoke runs only)
 WARM_HW = (320, 544)
-DEFAULT_ROWS = ("demo", "synth20", "coco")
+DEFAULT_ROWS = ("demo", "synth20", "coco", "coco-synth90")
 GOALS = {"bytes_per_record_max": 1.5e6, "loader_records_per_s_min": 300.0, "grad_cosine_min": 0.99,
          "loss_rel_err_max": 0.01}
 CODECS = dict(CacheParams().codecs)
@@ -112,6 +116,12 @@ TEACHERS: dict[str, dict[str, Any]] = {
     "coco": {"checkpoint": "", "classes": (2, 2), "num_classes": 80,
              "model": ModelParams(arch="retinanet", backbone="resnet50", fpn_channels=256, head_convs=4),
              "student": ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=256, head_convs=4)},
+    # the same COCO shape (R50, FPN 256, 4 head convs), trained briefly on 90 synthetic classes so its class
+    # maps are sparse like a trained detector's (no COCO weights can be downloaded here): profiles/synth90.yaml
+    "coco-synth90": {"checkpoint": "runs/synth90/teacher/model.pt", "classes": (5, 3),
+                     "student": ModelParams(arch="retinanet", backbone="resnet18", fpn_channels=256, head_convs=4),
+                     "make": "python -m pipeline.make_dataset --params profiles/synth90.yaml && "
+                             "python -m pipeline.train_teacher --params profiles/synth90.yaml"},
 }
 
 
