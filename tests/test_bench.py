@@ -203,6 +203,9 @@ def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, 
     row = saved["teachers"]["tiny"]
     assert row["bytes_per_record"] == pytest.approx(sum(row["bytes_by_target"].values()), rel=1e-5)
     assert {"fpn", "cls", "box"} <= set(row["targets"]) and "default" in row["codec_sets"]
+    cpca = row["codec_sets"]["cpca64s0.25"]  # coded against a basis fitted on other renders of the row
+    assert cpca["codecs"]["fpn"] == "cpca64s0.25+pco" and 0 < cpca["bytes_by_target"]["fpn"]
+    assert all(-1.0 <= v <= 1.0 + 1e-9 for v in cpca["grad_cosine"].values())
     assert row["teacher"]["num_classes"] == 6 and "random" in row["teacher"]["trained"]
     assert "missing" in saved["teachers"]["demo"]["teacher"]["skipped"]
     assert out["teachers"]["demo"]["goals_met"] == {}
