@@ -206,3 +206,19 @@ def test_stage_two_streams_a_cpca_cache_from_webdataset(cpca_cache):
             on_device = decode_on_device(arrays[name], torch.device("cpu")).numpy()
             np.testing.assert_allclose(on_device, expected[name], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(sum(run.step_loss(batch).values()))
+
+
+def test_dask_workers_code_against_the_drivers_basis(cpca_cache, tiny_coco, tiny_teacher, tmp_path):
+    """Two dask worker processes load the basis the driver fitted (static/codec_basis.npz) and write
+    blocks bit-identical to the single-process cache's."""
+    import os
+
+    from tests.cache_fixtures import all_records, assert_same_records
+
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path, codecs=CPCA, n_workers=2)
+    stats = build_cache(params)["stats"]
+    assert sorted(s["block"] for s in stats) == [0, 1, 2, 3] and all(s["pid"] != os.getpid() for s in stats)
+    basis = [(Path(p.cache.path) / "static" / "codec_basis.npz").read_bytes() for p in (params, cpca_cache[0])]
+    assert basis[0] == basis[1], "the same sample, teacher and thread count fit the same basis"
+    for fmt in ("zarr", "wds"):
+        assert_same_records(all_records(params.cache.path, fmt), all_records(cpca_cache[0].cache.path, fmt), fmt)
