@@ -92,9 +92,15 @@ def ensure_bases(root: Path, manifest: Manifest, codecs: Mapping[str, str], teac
     views = {View.from_dict(v).key: View.from_dict(v) for v in manifest.fingerprint["views"]}
     items = ViewDataset.from_pairs(dataset, [(image_id, views[key]) for image_id, key in picks])
     device = resolve_device(device_spec)
-    teacher = teacher.to(device).eval()
+    was_training = teacher.training
+    teacher.to(device).eval()
     batches = (collate([items[i]]) for i in range(len(items)))  # one image each: no padding in the fit
-    bases = fit_bases(teacher, batches, families, teacher.num_classes, device, progress=True, total=len(items))
+    try:
+        bases = fit_bases(teacher, batches, families, teacher.num_classes, device, progress=True, total=len(items))
+    finally:  # the driver's teacher goes back to the host: the workers need the GPU, the head static is read on it
+        teacher.to("cpu").train(was_training)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     writer.write_static(BASIS_STATIC, bases)
     manifest = replace(manifest, statics={**manifest.statics, BASIS_STATIC: sha256_file(path)})
     manifest.save(root / MANIFEST_NAME)

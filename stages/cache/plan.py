@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.cache.basis import CPCA_FAMILIES, ensure_bases
 from stages.cache.fingerprint import (
     block_fingerprints,
     check_blocks_current,
@@ -19,7 +20,6 @@ from stages.cache.fingerprint import (
     keep_cached_plan,
     stale_blocks,
 )
-from stages.cache.basis import CPCA_FAMILIES, ensure_bases
 from stages.cache.targets import ALL_TARGETS, DENSE_TARGETS
 from stages.config import Params
 from stages.data.coco import CocoDataset
@@ -257,7 +257,7 @@ def _ensure_head(root: Path, manifest: Manifest, teacher: Detector, writer) -> M
     want = manifest.statics.get("head")
     if want and path.exists() and sha256_file(path) == want:
         return manifest
-    writer.write_static("head", {k: v.detach().float().numpy() for k, v in teacher.head.state_dict().items()})
+    writer.write_static("head", {k: v.detach().float().cpu().numpy() for k, v in teacher.head.state_dict().items()})
     manifest = replace(manifest, statics={**manifest.statics, "head": sha256_file(path)})
     manifest.save(root / MANIFEST_NAME)
     return manifest
