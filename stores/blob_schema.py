@@ -83,8 +83,6 @@ def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, 
     expected = _expected_parts(chain, shape, dtype)
     if chain.transform == "topk" and "classes" not in parts:  # a legacy topk blob: decoded with the floor cap
         expected.pop("classes")
-    if chain.transform == "cpca" and "basis" in parts:  # attached from the cache (stores.cache_basis)
-        expected["basis"] = (np.dtype(np.float16), None)
     if set(parts) != set(expected):
         raise err(f"{chain.spec}: parts {sorted(parts)} do not match the chain's parts {sorted(expected)}")
     for name, (want_dtype, want_shape) in expected.items():
@@ -106,11 +104,11 @@ def _check_parts(parts: dict, chain: CodecChain, shape: tuple, dtype: np.dtype, 
 
 
 def _check_pcas(parts: dict, chain: CodecChain, shape: tuple, err) -> None:
-    """pcaKsS: basis [C, K'] and q [K', *cells] with K' <= min(K, C); cpcaKsS: q alone (and the basis
-    once attached)."""
+    """pcaKsS: basis [C, K'] and q [K', *cells] with K' <= min(K, C); cpcaKsS: q alone (its basis is the
+    cache's and never in the blob: a blob carrying one is refused)."""
     c = shape[0] if len(shape) else 1
     q = parts["q"]
-    if chain.transform == "cpca" and "basis" not in parts:
+    if chain.transform == "cpca":
         if q.ndim < 1 or q.shape[0] > min(int(chain.param[0]), c) or tuple(q.shape[1:]) != tuple(shape[1:]):
             raise err(f"{chain.spec}: part 'q' has shape {tuple(q.shape)}, expected "
                       f"(<= {min(int(chain.param[0]), c)},) + {tuple(shape[1:])}")

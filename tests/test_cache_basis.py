@@ -22,7 +22,7 @@ from stages.cache.plan import open_reader, prepare_store
 from stages.distill.device_decode import decode_on_device
 from stores.base import StoreReadError
 from stores.cache_basis import BasisFit, CacheBases, cpca_prepare
-from stores.codecs import BlobDecodeError, decode, encode, unpack
+from stores.codecs import BlobDecodeError, decode, encode, pack, unpack
 from stores.verify import store_summary, verify_store
 from tests.cache_fixtures import build_cache, copy_cache, tiny_params
 
@@ -91,6 +91,8 @@ def test_a_blob_without_its_own_basis_is_refused():
         decode(blob, CacheBases({"fpn.0": other}))
     with pytest.raises(ValueError, match="no cache basis"):
         encode(maps[2], "cpca8s0.2+zstd")
+    with pytest.raises(ValueError, match="do not match the chain's parts"):  # the basis never goes in a blob
+        pack({**cpca_prepare(maps[2], mine, 0.2), "basis": mine}, "cpca8s0.2+zstd", maps[2].shape, np.float32)
 
 
 def test_device_encoder_matches_the_reference():
