@@ -224,3 +224,20 @@ def test_dask_workers_code_against_the_drivers_basis(cpca_cache, tiny_coco, tiny
     assert basis[0] == basis[1], "the same sample, teacher and thread count fit the same basis"
     for fmt in ("zarr", "wds"):
         assert_same_records(all_records(params.cache.path, fmt), all_records(cpca_cache[0].cache.path, fmt), fmt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_encode_and_decode_match_the_reference():  # pragma: no cover - run on the GPU machine
+    rng = np.random.default_rng(4)
+    fit = BasisFit()
+    for m in _maps(rng, 3):
+        fit.add("fpn.0", torch.from_numpy(m).cuda())  # the driver's fit on the teacher's device
+    basis = fit.bases(16)["fpn.0"]
+    x = _maps(rng, 1)[0]
+    dev = {k: v.cpu().numpy() for k, v in device_cpca_prepare(torch.from_numpy(x).cuda(), basis, 0.2).items()}
+    ref = cpca_prepare(x, basis, 0.2)
+    assert dev["bid"].tobytes() == ref["bid"].tobytes() and np.abs(dev["q"].astype(int) - ref["q"]).max() <= 1
+    blob = encode(x, "cpca16s0.2+pco", basis=basis)
+    bases = CacheBases({"fpn.0": basis})
+    on_gpu = decode_on_device(bases.attach(unpack(blob)), torch.device("cuda")).cpu().numpy()
+    np.testing.assert_allclose(on_gpu, decode(blob, bases), rtol=1e-5, atol=1e-5)
