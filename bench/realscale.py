@@ -71,6 +71,7 @@ from stages.distill.run import loss_context, run_from_index
 from stages.distill.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.losses.registry import LOSS_NAMES, build_kd_losses
 from stores import EncodedRecord, Manifest, decode_record, open_writer
+from stores.base import target_family
 from stores.cache_basis import BASIS_STATIC, CacheBases
 from stores.manifest import MANIFEST_NAME, SCHEMA_VERSION, is_store, remove_store, sha256_file
 
@@ -217,8 +218,8 @@ def row_bases(teacher, data: CocoDataset, view: View, sets: dict, device) -> dic
     for name, codecs in sets.items():
         ks = cpca_families(codecs)
         if ks:
-            out[name] = {n: np.ascontiguousarray(b[:, :ks[n.split(".")[0]]]) for n, b in fitted.items()
-                         if n.split(".")[0] in ks}
+            out[name] = {n: np.ascontiguousarray(b[:, :ks[target_family(n)]]) for n, b in fitted.items()
+                         if target_family(n) in ks}
     return out
 
 

@@ -139,22 +139,17 @@ def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
         return CodecChain("pca", lossless, k)
     m = _RE_PCAS.match(head)
     if m:  # pcaKsS: a basis per map, in the blob; cpcaKsS: one basis per cache (stores.cache_basis)
-        name, k, s = m.group(1) + "pca" + ("" if m.group(1) else "s"), int(m.group(2)), float(m.group(3))
+        name, k, s = "cpca" if m.group(1) else "pcas", int(m.group(2)), float(m.group(3))
         if k < 1 or not 0.0 < s < 1e3:
             raise ValueError(f"bad codec chain {spec!r}: {m.group(1)}pcaKsS needs K >= 1 and 0 < S < 1000, got K={k}, S={s}")
         return CodecChain(name, lossless, (k, s))
-    m = _RE_SZ.match(head)
-    if m:
-        t = float(m.group(1))
-        if not 0.0 < t < 1.0:
-            raise ValueError(f"bad codec chain {spec!r}: sz error bound (relative to max|x|) must be in (0, 1)")
-        return CodecChain("sz", lossless, t)
-    m = _RE_ZFP.match(head)
-    if m:
-        t = float(m.group(1))
-        if not 0.0 < t < 1.0:
-            raise ValueError(f"bad codec chain {spec!r}: zfp tolerance (relative to max|x|) must be in (0, 1)")
-        return CodecChain("zfp", lossless, t)
+    for regex, name, what in ((_RE_SZ, "sz", "sz error bound"), (_RE_ZFP, "zfp", "zfp tolerance")):
+        m = regex.match(head)  # error-bounded float coders: one bound relative to max|x|
+        if m:
+            t = float(m.group(1))
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"bad codec chain {spec!r}: {what} (relative to max|x|) must be in (0, 1)")
+            return CodecChain(name, lossless, t)
     raise ValueError(f"bad codec chain {spec!r}: unknown transform {head!r}; expected {_VALID_FORMS}")
 
 
