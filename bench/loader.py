@@ -13,7 +13,8 @@ record of the store once):
                   the sample's crc32c against its shard's sidecar first (issue 11; sha256 for
                   shards written before the sidecar had crc32c)
   zarr fpn-only   the same two reading only the fpn family (what an SSIM / feature-MSE student
-  wds fpn-only    needs): Zarr skips the other families' bytes, WebDataset reads them
+  wds fpn-only    needs): both readers skip the other families' bytes (WebDataset reads only the
+                  selected members at the sidecar's offsets, `shard_samples_of`)
 
   compact=False   "before": every target decoded to float32 numpy maps in the worker (the numpy
                   reference decode; what stage 2 did before issue 9)
@@ -76,7 +77,7 @@ from stages.distill.loader import tune_malloc
 from stores import Manifest, encode_record, open_reader, open_writer
 from stores.base import target_family
 from stores.manifest import SCHEMA_VERSION
-from stores.wds_store import decode_sample, shard_samples
+from stores.wds_store import decode_sample, shard_samples_of
 
 NAME = "loader"
 BIG_HW = (800, 1344)
@@ -135,8 +136,15 @@ def _bytes_by_family(reader, keys) -> dict[str, float]:
     return out
 
 
-def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[str, Any]:
+FPN_ONLY = {"fpn-only": ["fpn"]}  # what an SSIM / feature-MSE student reads
+
+
+def measure_store(root: Path, settings: Settings, compact: bool = True,
+                  target_sets: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Records/s per worker of both readers; `compact`: hand on parts (after) or float32 maps (before).
+    Every target is read ("zarr", "wds"), and each of `target_sets` ({label: families}, default the
+    fpn-only set) as a stage-2 run whose losses read only those families reads it ("zarr <label>",
+    "wds <label>": the other families' bytes are skipped by both readers).
     The process gets the malloc tuning a stage-2 loader worker gets (`tune_malloc`)."""
     tune_malloc()
     zarr_reader = open_reader(root, "zarr")
@@ -145,28 +153,35 @@ def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[
     order = list(keys)
     random.Random(0).shuffle(order)
     shards = wds_reader.shard_paths()
-    held = {"all": 0, "fpn": 0}
+    sets: dict[str, list[str] | None] = {"all": None, **(FPN_ONLY if target_sets is None else target_sets)}
+    held = dict.fromkeys(sets, 0)
 
-    def zarr_side(targets):
+    def zarr_side(label):
         def run():
             n = 0
             for image_id, view in order:
-                n += _held_bytes(zarr_reader.get(image_id, view, targets=targets, compact=compact, defer_delta=compact))
-            held["fpn" if targets else "all"] = n
+                n += _held_bytes(zarr_reader.get(image_id, view, targets=sets[label], compact=compact,
+                                                 defer_delta=compact))
+            held[label] = n
         return run
 
-    def wds_side(targets):
+    def wds_side(label):
+        targets = sets[label]
+
         def run():
             count = 0
-            for sample in wds.DataPipeline(wds.SimpleShardList(shards), shard_samples):  # as `wds_batches`
+            pipeline = wds.DataPipeline(wds.SimpleShardList(shards), shard_samples_of(targets))  # as `wds_batches`
+            for sample in pipeline:
                 decode_sample(sample, targets, compact=compact, defer_delta=compact)
                 count += 1
             if count != len(keys):
                 raise RuntimeError(f"webdataset streamed {count} records of {len(keys)} from {root}")
         return run
 
-    sides = {"zarr": zarr_side(None), "wds": wds_side(None), "zarr fpn-only": zarr_side(["fpn"]),
-             "wds fpn-only": wds_side(["fpn"])}
+    sides = {}
+    for label in sets:
+        suffix = "" if label == "all" else f" {label}"
+        sides[f"zarr{suffix}"], sides[f"wds{suffix}"] = zarr_side(label), wds_side(label)
     compacts = [zarr_reader.get(i, v, compact=True, defer_delta=True).arrays for i, v in keys] if compact else []
     if compact:
         cpu = torch.device("cpu")
@@ -196,7 +211,8 @@ def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[
         "stored_mb_by_family": {f: b / 1e6 for f, b in _bytes_by_family(zarr_reader, keys).items()},
         # what the worker hands on: float32 maps (compact=False) or the compact parts (compact=True)
         "decoded_mb_per_record": held["all"] / n / 1e6,
-        "decoded_fpn_mb_per_record": held["fpn"] / n / 1e6,
+        "decoded_mb_per_record_by_set": {label: b / n / 1e6 for label, b in held.items()},
+        "target_sets": sets,
         "records_per_s": {side: n / s for side, s in timing["median_s"].items() if side != DEVICE_SIDE},
         # the dequantise / scatter the training device does, here on this CPU (compact stores only)
         "device_decode_records_per_s": n / timing["median_s"][DEVICE_SIDE] if compact else None,
@@ -204,7 +220,8 @@ def measure_store(root: Path, settings: Settings, compact: bool = True) -> dict[
         "records_per_cpu_s": {k: v for k, v in cpu_rate.items() if k != DEVICE_SIDE},
         "device_decode_records_per_cpu_s": cpu_rate.get(DEVICE_SIDE),
         "ratio_wds_vs_zarr": 1.0 / paired_ratio(timing, "wds", "zarr"),
-        "ratio_wds_vs_zarr_fpn_only": 1.0 / paired_ratio(timing, "wds fpn-only", "zarr fpn-only"),
+        "ratio_wds_vs_zarr_fpn_only": (1.0 / paired_ratio(timing, "wds fpn-only", "zarr fpn-only")
+                                       if "fpn-only" in sets else None),
         "timing": timing,
     }
 
@@ -227,7 +244,7 @@ def summary_md(result: dict) -> str:
             "in the worker; *after*: today's default codecs, the worker only undoes zstd and the framing "
             "(wds also checks each sample's crc32c) and the training device dequantises (the last column is "
             "that work on this CPU, one torch thread). A student reading only FPN maps skips the other "
-            "families' bytes with Zarr; WebDataset streams them anyway.")
+            "families' bytes with both readers.")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -57,7 +57,7 @@ def four_views(scales=SCALES4) -> list[dict]:
 
 FOUR_VIEWS = four_views()
 # what each method's offline student reads (head: CSKD's tower terms run the static teacher head on the
-# cached FPN; the per-image tower_stats record is CrossKD's alone, stages.distill.run._targets_for)
+# cached FPN; the per-image tower_stats record is CrossKD's alone, stages.distill.run.targets_for)
 METHOD_TARGETS = {"cskd": ["fpn", "cls", "box", "head"], "ssim": ["fpn"], "mse": ["fpn"],
                   "pfi": ["fpn", "cls"], "cskd-notower": ["fpn", "cls", "box"]}
 METHOD_WEIGHTS = {"cskd": 1.0, "ssim": 2.0, "mse": 1.0, "pfi": 1.5, "cskd-notower": 1.0}  # params.yaml experiments

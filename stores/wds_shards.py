@@ -8,6 +8,7 @@ checks each against its shard's sidecar (`verify_sample`) and decodes it (`decod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -130,10 +131,12 @@ def _record_spans(members: dict) -> list[tuple[str, list[tuple[str, int, int]]]]
     return list(records.items())
 
 
-def iter_shard_samples(url: str | Path) -> Iterator[dict]:
+def iter_shard_samples(url: str | Path, targets: Iterable[str] | None = None) -> Iterator[dict]:
     """The samples of one shard, as webdataset's tar reader yields them ({"__key__", "__url__",
     "meta.json": bytes, "<target>.msgpack": bytes, ...}), read at the member offsets its sidecar
-    records instead of parsing every tar header.
+    records instead of parsing every tar header. With `targets`, only the meta and the selected
+    targets' members are read (a student that reads FPN maps only skips the class and box bytes,
+    as the Zarr reader does); `decode_sample` with the same `targets` checks exactly those.
 
     Why: webdataset walks the tar with Python's tarfile (~16 headers and buffered reads per record),
     about a third of a streaming worker's CPU time on 1.5 MB records. The data read here is exactly
@@ -149,11 +152,14 @@ def iter_shard_samples(url: str | Path) -> Iterator[dict]:
         yield from tarfile_samples(iter([{"url": url}]))
         return
     fix = f"delete it and rerun {REBUILD} to rewrite this block"
+    wanted = _member_filter(targets)
     try:
         with open(url, "rb") as f:
             for key, parts in _record_spans(members):
                 sample = {"__key__": key, "__url__": url}
                 for suffix, offset, size in parts:
+                    if not wanted(suffix):
+                        continue
                     f.seek(offset)
                     data = f.read(size)
                     if len(data) != size:
@@ -164,12 +170,19 @@ def iter_shard_samples(url: str | Path) -> Iterator[dict]:
         raise StoreReadError(f"shard {url} is truncated or unreadable ({err}); {fix}") from None
 
 
-def shard_samples(src: Iterable[dict]) -> Iterator[dict]:
+def shard_samples(src: Iterable[dict], targets: Iterable[str] | None = None) -> Iterator[dict]:
     """webdataset pipeline stage ({"url": shard} items -> samples), in place of
     ``webdataset.tarfile_to_samples()``: ``wds.DataPipeline(wds.SimpleShardList(urls),
-    wds.split_by_node, wds.split_by_worker, shard_samples)``. See `iter_shard_samples`."""
+    wds.split_by_node, wds.split_by_worker, shard_samples)``. See `iter_shard_samples`; with
+    `targets`, use ``shard_samples_of(targets)`` as the stage."""
     for item in src:
-        yield from iter_shard_samples(item["url"])
+        yield from iter_shard_samples(item["url"], targets)
+
+
+def shard_samples_of(targets: Iterable[str] | None):
+    """The `shard_samples` stage reading only the meta and the members of `targets` (families,
+    names or aliases, as `select_names` takes them; None: every member)."""
+    return functools.partial(shard_samples, targets=None if targets is None else tuple(targets))
 
 
 def verify_sample(sample: dict, targets: Iterable[str] | None = None) -> None:
@@ -198,6 +211,22 @@ def verify_sample(sample: dict, targets: Iterable[str] | None = None) -> None:
         if not ok:
             raise StoreReadError(f"shard {url}: member {key}.{name}{BLOB_SUFFIX} fails its {kind} checksum "
                                  f"(the shard is damaged); {fix}")
+
+
+def _member_filter(targets: Iterable[str] | None):
+    """suffix -> read it? The meta and every non-blob member always; blobs of the selected targets."""
+    if targets is None:
+        return lambda suffix: True
+    targets = tuple(targets)
+    seen: dict[str, bool] = {}
+
+    def wanted(suffix: str) -> bool:
+        hit = seen.get(suffix)
+        if hit is None:
+            hit = seen[suffix] = (not suffix.endswith(BLOB_SUFFIX)
+                                  or bool(select_names([suffix[: -len(BLOB_SUFFIX)]], targets)))
+        return hit
+    return wanted
 
 
 def decode_sample(sample: dict, targets: Iterable[str] | None = None, compact: bool = False,

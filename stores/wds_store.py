@@ -63,6 +63,7 @@ from stores.wds_shards import (  # noqa: F401  (re-exported: callers import them
     sample_to_record,
     shard_path,
     shard_samples,
+    shard_samples_of,
     sidecar_path,
     verify_sample,
 )

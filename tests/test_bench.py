@@ -142,7 +142,8 @@ def test_synthetic_store_reads_back_the_same_records_from_both_formats(tmp_path)
     settings = common.settings_from(common.make_parser("loader", "").parse_args(["--rounds", "1"]), [])
     res = loader.measure_store(root, settings)
     assert res["records"] == 3 and set(res["records_per_s"]) == {"zarr", "wds", "zarr fpn-only", "wds fpn-only"}
-    assert res["decoded_fpn_mb_per_record"] < res["decoded_mb_per_record"]
+    sizes = res["decoded_mb_per_record_by_set"]
+    assert sizes["fpn-only"] < sizes["all"] == res["decoded_mb_per_record"]
 
 
 def test_codec_measurements_are_exact_for_raw_and_bounded_for_lossy():
@@ -201,6 +202,10 @@ def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, 
     assert set(saved["loader_records_per_s_per_worker"]) == {"zarr", "wds"}
     assert all(v > 0 for v in saved["loader_records_per_s_per_worker"].values())
     row = saved["teachers"]["tiny"]
+    by_method = row["loader_records_per_s_per_worker_by_method"]
+    assert set(by_method) == set(saved["grad_cosine"]) and by_method["ssim"]["targets"] == ["fpn"]
+    assert {"cls", "box", "tower_stats"} <= set(by_method["crosskd"]["targets"])
+    assert all(v["zarr"] > 0 and v["wds"] > 0 for v in by_method.values())
     assert row["bytes_per_record"] == pytest.approx(sum(row["bytes_by_target"].values()), rel=1e-5)
     assert {"fpn", "cls", "box"} <= set(row["targets"]) and "default" in row["codec_sets"]
     cpca = row["codec_sets"]["cpca64s0.25"]  # coded against a basis fitted on other renders of the row

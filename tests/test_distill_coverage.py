@@ -72,7 +72,7 @@ def test_feature_methods_on_faster_rcnn_student(batch):
 def test_cskd_tower_terms_need_no_per_image_tower_record(batch):
     """CSKD's tower terms run the static teacher head on the cached FPN, so stage 2 must not read the
     per-image `tower_stats` record for it (26 KB per demo record, 187 KB at COCO shape); CrossKD does."""
-    from stages.distill.run import _targets_for
+    from stages.distill.run import targets_for
 
     batch, k = batch
     torch.manual_seed(0)
@@ -82,11 +82,11 @@ def test_cskd_tower_terms_need_no_per_image_tower_record(batch):
     ctx = loss_context(student, t_arch, k, teacher.box_dim, teacher.has_quality)
     cskd = build_kd_losses({"cskd": 1.0}, ctx, DistillParams(losses={"cskd": 1.0}))
     crosskd = build_kd_losses({"crosskd": 1.0}, ctx, DistillParams(losses={"crosskd": 1.0}))
-    assert "head" in cskd.needs() and "tower_stats" not in _targets_for(cskd.needs())
-    assert "tower_stats" in _targets_for(crosskd.needs())
+    assert "head" in cskd.needs() and "tower_stats" not in targets_for(cskd.needs())
+    assert "tower_stats" in targets_for(crosskd.needs())
     # and CSKD (tower terms on) trains from records that hold no tower statistics at all
     images, sizes, gt = batch["images"], batch["image_sizes"], batch["targets"]
-    _, records = live_records(teacher.eval(), images, sizes, gt, sorted(_targets_for(cskd.needs())))
+    _, records = live_records(teacher.eval(), images, sizes, gt, sorted(targets_for(cskd.needs())))
     assert not any(key.startswith("tower") for key in records[0])
     tt = records_to_targets(records, tuple(images.shape[-2:]), teacher.strides, teacher.head, 0)
     terms = cskd(student(images, sizes, targets=gt), tt, gt)

@@ -213,6 +213,32 @@ def test_shard_samples_equal_webdatasets_samples(tmp_path, with_offsets):
         list(iter_shard_samples(path))
 
 
+def test_shard_samples_of_targets_read_exactly_those_members(tmp_path):
+    """A run whose losses read only some families streams only their members (and the meta): each
+    equals webdataset's bytes of that member, and the record decodes as the full sample does."""
+    from stores.wds_store import shard_samples_of
+
+    m = make_manifest()
+    w = WdsCacheWriter(tmp_path, m)
+    for b in range(m.num_blocks()):
+        w.write_block(b, block_records(m, b))
+    shards = WdsCacheReader(tmp_path).shard_paths()
+    want = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+    for targets in (["fpn"], ["cls", "box"], ["fpn.1"]):
+        got = list(wds.DataPipeline(wds.SimpleShardList(shards), shard_samples_of(targets)))
+        assert len(got) == len(want)
+        for g, s in zip(got, want):
+            blobs = {k for k in s if k.endswith(".msgpack")
+                     and (k.split(".")[0] in targets or k.rsplit(".", 1)[0] in targets)}
+            assert blobs and g.keys() - {"__key__", "__url__", "meta.json"} == blobs
+            assert all(g[k] == s[k] for k in blobs | {"meta.json"})
+            a, b = decode_sample(g, targets), decode_sample(s, targets)
+            assert sorted(a.arrays) == sorted(b.arrays) and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    # every member: the same samples as without a selection
+    full = list(wds.DataPipeline(wds.SimpleShardList(shards), shard_samples_of(None)))
+    assert [g.keys() for g in full] == [{k for k in s if k != "__local_path__"} for s in want]
+
+
 def test_shard_samples_refuse_every_flipped_byte_of_a_member(tmp_path):
     from stores.wds_store import iter_shard_samples
 

@@ -26,7 +26,7 @@ from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stores.codecs import CompactArray
-from stores.wds_store import shard_samples
+from stores.wds_store import shard_samples_of
 
 _TUNED: set[int] = set()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -142,13 +142,15 @@ def wds_batches(
     start_step: int = 0,
     shuffle_buffer: int = 64,
     pin: bool = False,
+    targets: list[str] | None = None,
 ) -> Iterator[dict]:
     """Endless batches streamed from WebDataset shards (split by DDP rank and DataLoader worker).
 
     decode_sample(sample) -> {'meta': ..., 'arrays': ...} (stores.wds_store's decoder, which checks
     each sample against its shard's checksums; run `cached_views` first to refuse a partial cache).
     Batches hold one padded size each; `start_step` batches are skipped on resume; `pin` pins the
-    batch's compact parts (page-locked memory, for asynchronous copies to a CUDA device).
+    batch's compact parts (page-locked memory, for asynchronous copies to a CUDA device); `targets`:
+    the families the losses read (only their members are read from the shards; None: all).
     """
     tune_malloc()
     by_key = {v.key: v for v in views}
@@ -166,7 +168,8 @@ def wds_batches(
         rng.shuffle(order)
         # webdataset splits the shards by rank and worker; the samples are read at the sidecar's member
         # offsets (`stores.wds_store.shard_samples`: the same samples, without a Python tar walk)
-        pipeline = wds.DataPipeline(wds.SimpleShardList(order), wds.split_by_node, wds.split_by_worker, shard_samples)
+        pipeline = wds.DataPipeline(wds.SimpleShardList(order), wds.split_by_node, wds.split_by_worker,
+                                    shard_samples_of(targets))
         pending: dict[tuple[int, int], list[dict]] = {}
         buffer: list[dict] = []
         for sample in pipeline:

@@ -153,7 +153,7 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
     index = run_from_index(distill, t_arch["arch"], t_arch["head_convs"])
     if "head" in needs and t_info.head is None:
         t_info.head = teacher_head_from_cache(reader, t_arch, t_info.num_classes).to(device)
-    targets_needed = sorted(_targets_for(needs))
+    targets_needed = sorted(targets_for(needs))
 
     def teacher_targets(batch, images, targets):
         padded = tuple(images.shape[-2:])
@@ -212,7 +212,7 @@ def train_student(params: Params, experiment: str | None, out_dir: Path, progres
     return metrics
 
 
-def _targets_for(needs: set[str]) -> set[str]:
+def targets_for(needs: set[str]) -> set[str]:
     """Per-image record families a set of losses reads. The head is static (once per cache, not per
     image): CSKD's tower terms run it on the cached FPN and need no per-image record for it; only
     CrossKD reads the per-image `tower_stats` (it says so in its own needs)."""
@@ -233,7 +233,7 @@ def _batch_source(distill, coco, views, reader, cfg, targets, pin: bool = False)
 
         # WebDataset: each rank (node) and DataLoader worker streams its own shards
         return lambda start: wds_batches(reader.shard_paths(), decode, coco, views, cfg.batch_size, cfg.seed, start,
-                                         pin=pin)
+                                         pin=pin, targets=targets)
     if reader is not None:
         dataset = CachedViewDataset(coco, views, reader, targets)
         views_of, bucket_of = dataset.views_of, dataset.bucket_of
