@@ -44,8 +44,10 @@ One process, one thread (the figure a DataLoader worker gets; multiply by worker
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,19 @@ def measure_store(root: Path, settings: Settings, compact: bool = True,
                                        if "fpn-only" in sets else None),
         "timing": timing,
     }
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def measure_store_apart(root: Path, settings: Settings, **kwargs) -> dict[str, Any]:
+    """`measure_store` in a fresh spawned process with one torch thread, as a DataLoader worker is:
+    not inside a benchmark process whose heap a teacher and a student have just churned (realscale's
+    in-process figures varied 10-20 % from run to run)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_one_thread) as pool:
+        return pool.submit(measure_store, root, settings, **kwargs).result()
 
 
 def summary_md(result: dict) -> str:

@@ -27,9 +27,9 @@ Per row, on N images rendered natively at 800x1344 from the teacher's own synthe
     relative KD-loss error (max), per-target cosine / max abs error, and bytes per record with the
     default codecs (`CacheParams` targets and codecs; all targets but the static head);
   * the records are written to a Zarr + WebDataset store and read back by `bench.loader.measure_store`
-    (records/s per worker process, one thread): every target, and per method what a stage-2 run of
-    that method reads (its losses' needs: fpn for mse / cosine / ssim, cls + box + tower for crosskd,
-    ...; both readers skip the other families' bytes);
+    in a fresh spawned process (records/s per worker process, one thread): every target, and per
+    method what a stage-2 run of that method reads (its losses' needs: fpn for mse / cosine / ssim,
+    cls + box + tower for crosskd, ...; both readers skip the other families' bytes);
   * one training step of an offline vs online CSKD student at 800x1344 (`offline / online` < 1:
     the cache saves that share of the step).
 Writes bench/results/realscale.json (realscale-cuda.json with --device cuda) and SUMMARY.md.
@@ -308,7 +308,7 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
     # what a stage-2 run of each method reads per record (its losses' needs), each read as that run reads it
     method_sets = {m: sorted(targets_for(kd[m].needs())) for m in LOSS_NAMES}
     labels = {"+".join(t): t for t in method_sets.values()}
-    loader = loader_bench.measure_store(store, settings, target_sets=labels)
+    loader = loader_bench.measure_store_apart(store, settings, target_sets=labels)  # a worker-like process
     rps = loader["records_per_s"]
     by_method = {m: {"targets": t, "zarr": rps.get(f"zarr {'+'.join(t)}"), "wds": rps.get(f"wds {'+'.join(t)}")}
                  for m, t in method_sets.items()}
