@@ -40,6 +40,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def reduce_mean(value, device: torch.device | str | None = None):
+    """mmdetection's `reduce_mean` for loss normalisers: the mean over the process group of a count or
+    sum this rank computed on its slice of the global batch (a loss normalised by it, averaged by DDP
+    over the ranks, is the global batch's loss normalised by the global count).
+
+    `value`: a tensor (returned detached: a normaliser carries no gradient) or a Python number
+    (returned as a float, like mmdet's `.item()`; `device` is where the collective runs, default the
+    current CUDA device under nccl, else the CPU). One process / no process group: `value` itself
+    (detached), so single-process losses are bit-identical to not calling this. It is a collective:
+    every rank must call it the same number of times in the same order, never in a branch that
+    depends on its own data.
+    """
+    if world() == 1:
+        return value.detach() if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor):
+        t = value.detach().clone()
+        if not t.is_floating_point():
+            t = t.float()
+    else:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(float(value), dtype=torch.float32, device=device)
+    dist.all_reduce(t)
+    t = t / world()
+    return t if isinstance(value, torch.Tensor) else t.item()
+
+
 def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
     """Join the torchrun process group when WORLD_SIZE > 1; True if this is a multi-process run.
 

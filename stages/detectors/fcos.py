@@ -5,6 +5,10 @@ centre sampling (radius 1.5 strides) inside the GT, per-level scale ranges (0-64
 on the largest regression distance), ambiguity -> the smallest GT; focal + GIoU + centerness BCE
 losses and post-processing (score = sqrt(cls * centerness)) are torchvision's. The state_dict is
 key-for-key that of `torchvision.models.detection.fcos_resnet50_fpn`.
+Normalisers: the batch's foreground count (at least 1) for all three losses, as torchvision's
+`FCOSHead.compute_loss`; under DDP it stays per rank, as in torchvision (nothing there reduces it
+across processes). mmdetection's FCOSHead, whose loss differs anyway (centerness-weighted GIoU over
+the centerness sum), takes the mean over ranks of num_pos and of the centerness sum instead.
 """
 
 from __future__ import annotations

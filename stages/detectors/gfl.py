@@ -12,6 +12,11 @@
   predicted (detached) box as the positive target, 1.0, normalised by the positives;
   GIoU 2.0 and Distribution Focal Loss 0.25, each weighted per positive by its max predicted
   class score and normalised by the sum of those weights (at least 1).
+- Under DDP both normalisers are the mean over the ranks of each rank's count / weight sum, clamped
+  after the mean, as mmdet's GFLHead.loss_by_feat (`reduce_mean` of avg_factor and of the summed
+  weight_targets): DDP's gradient average is then the global batch's loss. Single process: unchanged.
+  (mmdet 3.x counts sum_i max(positives_i, 1) over images; here max(sum_i positives_i, 1): the same
+  whenever every image has a positive.)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from stages.detectors.box_coding import box_to_distance, centers, decode_boxes, 
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stages.detectors.fcos import point_anchors
 from stages.detectors.heads import GFLDenseHead
+from stages.distributed import reduce_mean
 
 QFL_BETA = 2.0
 W_QFL, W_GIOU, W_DFL = 1.0, 2.0, 0.25
@@ -167,11 +173,13 @@ class GFLDetector(DenseDetector):
         labels[img, idx] = gt_labels
         scores = torch.zeros(matched.shape, dtype=cls.dtype, device=cls.device)
         scores[img, idx] = aligned_iou(pred_boxes.detach(), target_boxes)
-        num_pos = max(len(idx), 1)
+        # normalisers: means over the ranks under DDP (mmdet's reduce_mean), before the clamp; both
+        # collectives run on every rank, positives or not
+        num_pos = max(reduce_mean(len(idx), cls.device), 1)
         qfl = quality_focal_loss(cls.reshape(-1, k), labels.reshape(-1), scores.reshape(-1))
         qfl = (qfl * (matched.reshape(-1) != IGNORE)).sum() / num_pos  # crowd regions: not negatives either
 
-        norm = weight.sum().clamp(min=1.0)
+        norm = reduce_mean(weight.sum()).clamp(min=1.0)
         giou = (generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none") * weight).sum() / norm
         target_dist = box_to_distance(points, target_boxes, max_dist=m - DFL_EPS)
         dfl = distribution_focal_loss(pos_reg.reshape(-1, m + 1), target_dist.reshape(-1))

@@ -6,6 +6,10 @@ state_dict is key-for-key that of `torchvision.models.detection.retinanet_resnet
 (with fpn_channels 256, head_convs 4); `variant` 'tv_v2' is `retinanet_resnet50_fpn_v2` (GN head,
 P6 from C5, GIoU loss) and 'mmdet' mmdetection's RetinaNet (P6 from C5, no ReLU before P7, unrounded
 anchors, same head and box coder).
+Normalisers (torchvision's): each image's loss over its own foreground count (at least 1), averaged
+over the batch's images; under DDP nothing is reduced across processes (as torchvision, and as
+mmdetection's RetinaHead, whose batch avg_factor is per rank too). Per-image normalisation makes
+DDP's gradient average equal the global batch's loss when every rank has the same batch size.
 """
 
 from __future__ import annotations

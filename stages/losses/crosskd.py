@@ -17,16 +17,20 @@ The teacher head is frozen here and never a submodule of this loss.
 
 | official term (config)            | here  | form                                                  | weight        | normaliser |
 |-----------------------------------|-------|-------------------------------------------------------|---------------|------------|
-| retina loss_cls_kd KDQualityFocal | cls   | BCE(crossed, t_prob) * |sigmoid - t_prob|^1, x label weight | 1.0   | num_pos (assigner positives, ignore band excluded) |
-| retina loss_reg_kd GIoULoss       | box   | GIoU(decoded crossed, decoded teacher) x t max prob x label weight | 1.0 | num_pos |
-| fcos loss_cls_kd KDQualityFocal   | cls   | as above, every point                                 | 0.4           | sum of centerness targets of the positives (>= 1e-6) |
-| fcos loss_reg_kd IoULoss          | box   | -log(max(IoU, 1e-6)) x t max prob, every point        | 0.75          | same       |
-| gfl loss_cls_kd KDQualityFocal    | cls   | as above, x label weight                              | 1.0           | num_pos    |
-| gfl loss_reg_kd KL (T=1, sum)     | kl    | KL(softmax t || softmax crossed) summed over bins, per side x t max prob, / 4 | 4.0 (3.0 with gfl_giou) | raw sum of t max prob |
-| gfl loss_bbox_kd GIoULoss         | box   | GIoU x t max prob (only with gfl_giou, later config)  | 2.0           | same       |
+| retina loss_cls_kd KDQualityFocal | cls   | BCE(crossed, t_prob) * |sigmoid - t_prob|^1, x label weight | 1.0   | num_pos (assigner positives, ignore band excluded; per rank) |
+| retina loss_reg_kd GIoULoss       | box   | GIoU(decoded crossed, decoded teacher) x t max prob x label weight | 1.0 | num_pos (per rank) |
+| fcos loss_cls_kd KDQualityFocal   | cls   | as above, every point                                 | 0.4           | sum of centerness targets of the positives, mean over ranks (>= 1e-6) |
+| fcos loss_reg_kd IoULoss          | box   | -log(max(IoU, 1e-6)) x t max prob, every point        | 0.75          | same (mean over ranks) |
+| gfl loss_cls_kd KDQualityFocal    | cls   | as above, x label weight                              | 1.0           | num_pos, mean over ranks |
+| gfl loss_reg_kd KL (T=1, sum)     | kl    | KL(softmax t || softmax crossed) summed over bins, per side x t max prob, / 4 | 4.0 (3.0 with gfl_giou) | raw sum of t max prob (per rank) |
+| gfl loss_bbox_kd GIoULoss         | box   | GIoU x t max prob (only with gfl_giou, later config)  | 2.0           | same (per rank) |
 num_pos = sum over images of max(positives, 1) (mmdet get_targets), from the student's assigner
 (`assign`); label weight = 0 on RetinaNet's ignore band (IoU 0.4-0.5), 1 elsewhere. Only valid cells
 count (official: the padded map). FCOS centerness is not distilled (as official).
+Under DDP (torchrun), as the official detectors: GFL's num_pos (cls) and FCOS's centerness sum (cls,
+box) are the mean over the ranks of each rank's value (mmdet `reduce_mean`; FCOS clamps to 1e-6 after
+it); RetinaNet's num_pos and GFL's sum of t max prob (kl, box) stay per rank (crosskd_retinanet uses
+get_targets' avg_factor as is; crosskd_gfl divides by the raw per-rank kd_avg_factor).
 
 Index convention: `reuse_index` is the contract's 0-based tower layer whose pre-activation output
 the student supplies (`run_from`); the official `reused_teacher_head_idx = k` is index k - 1 here.
@@ -42,6 +46,7 @@ from torchvision.ops import generalized_box_iou_loss
 from stages.detectors.box_coding import decode_boxes
 from stages.detectors.contract import DetectorOutput, flatten_levels
 from stages.detectors.gfl import aligned_iou
+from stages.distributed import reduce_mean
 from stages.losses.common import make_adapter, quality_focal_kd, valid_masks, wide
 from stages.losses.cskd_assistant import IGNORED, centerness_target
 from stages.losses.targets import TeacherTargets
@@ -155,6 +160,8 @@ class CrossKDLoss(nn.Module):
             norm = self._centerness_sum(matched, flat_anchors, targets)
         else:
             norm = (matched >= 0).sum(dim=1).float().clamp_min(1.0).sum()
+            if self.arch == "gfl":  # official crosskd_gfl reduces avg_factor over the ranks; crosskd_retinanet does not
+                norm = reduce_mean(norm)
         parts = {"cls": w["cls"] * torch.where(label_w, qfl, 0.0).sum() / norm}
         if self.arch in ("retinanet", "fcos"):
             s_xyxy = decode_boxes(self.arch, s_box, flat_anchors, self.reg_max)
@@ -189,4 +196,4 @@ class CrossKDLoss(nn.Module):
                 boxes = t["boxes"].to(anchors.device, anchors.dtype)[matched[i, pos]]
                 points = (anchors[i, pos, :2] + anchors[i, pos, 2:]) / 2
                 total = total + centerness_target(points, boxes).sum()
-        return total.clamp_min(1e-6)
+        return reduce_mean(total).clamp_min(1e-6)  # official: max(reduce_mean(sum), 1e-6)

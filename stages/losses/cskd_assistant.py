@@ -5,17 +5,19 @@ Training-only convs on the student's head-tower OUTPUT (the last tower layer aft
 targets are the teacher's dense predictions. Normalisers come from the STUDENT's assigner
 (`matched`: per image [N] GT index, -1 background, -2 ignored), as in the official heads:
 num_pos = sum over images of max(positives, 1) for RetinaNet / GFL (mmdet's anchor/ATSS
-get_targets), max(total positives, 1) for FCOS.
+get_targets), max(total positives, 1) for FCOS. Under DDP (torchrun), as the official heads: FCOS's and
+GFL's normalisers (num_pos, the centerness sum, the assistant score sum) are the mean over the ranks of
+each rank's value (mmdet `reduce_mean`, clamped after it); RetinaNet's num_pos stays per rank.
 
 | official term          | here          | loss form                                                  | weight | normaliser            |
 |------------------------|---------------|------------------------------------------------------------|--------|-----------------------|
-| retina loss_assis_cls  | assist_cls    | soft focal (a .25, g 2) vs teacher prob inside GT cells, 0 elsewhere; x label weight (ignore band 0) | 1 | num_pos |
-| retina loss_assis_bbox | assist_box    | L1 vs the teacher's deltas at positives                    | 1      | num_pos               |
-| fcos loss_assis_cls    | assist_cls    | soft focal vs teacher prob inside GT cells, all points     | 1      | num_pos               |
-| fcos loss_assis_bbox   | assist_box    | GIoU (decoded) vs teacher boxes at positives, x centerness target | 1 | sum centerness targets (>= 1e-6) |
-| fcos loss_assis_cnt    | assist_ctr    | BCE(logit, teacher centerness prob) at positives           | 1      | num_pos               |
-| gfl loss_assis_cls     | assist_cls    | QFL (beta 2), target IoU(assistant box (detached), teacher box) at positives | 1 | num_pos |
-| gfl loss_assis_bbox    | assist_box    | GIoU vs teacher boxes at positives x assistant max score   | 2      | sum of those scores (>= 1) |
+| retina loss_assis_cls  | assist_cls    | soft focal (a .25, g 2) vs teacher prob inside GT cells, 0 elsewhere; x label weight (ignore band 0) | 1 | num_pos (per rank) |
+| retina loss_assis_bbox | assist_box    | L1 vs the teacher's deltas at positives                    | 1      | num_pos (per rank)    |
+| fcos loss_assis_cls    | assist_cls    | soft focal vs teacher prob inside GT cells, all points     | 1      | num_pos (rank mean)   |
+| fcos loss_assis_bbox   | assist_box    | GIoU (decoded) vs teacher boxes at positives, x centerness target | 1 | sum centerness targets (rank mean, >= 1e-6) |
+| fcos loss_assis_cnt    | assist_ctr    | BCE(logit, teacher centerness prob) at positives           | 1      | num_pos (rank mean)   |
+| gfl loss_assis_cls     | assist_cls    | QFL (beta 2), target IoU(assistant box (detached), teacher box) at positives | 1 | num_pos (rank mean) |
+| gfl loss_assis_bbox    | assist_box    | GIoU vs teacher boxes at positives x assistant max score   | 2      | sum of those scores (rank mean, >= 1) |
 | gfl loss_assis_dfl     | assist_dfl    | DFL to the teacher's expected sides (clamped to reg_max - 0.1), / 4 | 0.25 | same |
 FCOS: per-level Scale, clamp(min 0) on boxes, centerness from the cls tower (official config:
 centerness_on_reg False). GFL: per-level Scale on the distribution logits. Cells outside the
@@ -35,6 +37,7 @@ from stages.detectors.box_coding import decode_boxes, integral
 from stages.detectors.contract import flatten_levels
 from stages.detectors.gfl import aligned_iou, distribution_focal_loss, quality_focal_loss
 from stages.detectors.heads import Scale
+from stages.distributed import reduce_mean
 from stages.losses.common import wide
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
@@ -60,9 +63,14 @@ def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
 
 
 def num_positives(arch: str, matched: Tensor) -> Tensor:
+    """The official heads' num_pos: FCOS max(reduce_mean(positives), 1), GFL max(reduce_mean(sum_i
+    max(positives_i, 1)), 1) (both mean over the ranks under DDP), RetinaNet sum_i max(positives_i, 1)
+    per rank (cskd_head_retina does not reduce it)."""
     pos = (matched >= 0).sum(dim=1).float()
     if arch == "fcos":
-        return pos.sum().clamp_min(1.0)
+        return reduce_mean(pos.sum()).clamp_min(1.0)
+    if arch == "gfl":
+        return reduce_mean(pos.clamp_min(1.0).sum()).clamp_min(1.0)
     return pos.clamp_min(1.0).sum()
 
 
@@ -139,7 +147,7 @@ def assistant_losses(head: AssistantHead, student, teacher, targets, matched: li
         points = (anchors[pos][:, :2] + anchors[pos][:, 2:]) / 2
         ctr_t = centerness_target(points, gt)
         giou = generalized_box_iou_loss(a_dec, t_dec, reduction="none")
-        parts["assist_box"] = (giou * ctr_t).sum() / ctr_t.sum().clamp_min(1e-6)
+        parts["assist_box"] = (giou * ctr_t).sum() / reduce_mean(ctr_t.sum()).clamp_min(1e-6)
         a_ctr = flatten_levels([o[2] for o in outs], 1)[..., 0]
         t_ctr = flatten_levels([wide(m) for m in teacher.quality], 1)[..., 0].detach()
         bce = F.binary_cross_entropy_with_logits(a_ctr[pos], t_ctr[pos], reduction="sum")
@@ -155,7 +163,7 @@ def assistant_losses(head: AssistantHead, student, teacher, targets, matched: li
     qfl = quality_focal_loss(a_cls.reshape(-1, k), labels.reshape(-1), scores.reshape(-1)).view(b, n)
     parts = {"assist_cls": torch.where(in_img, qfl, 0.0).sum() / num_pos}
     w = a_cls.detach().sigmoid().amax(dim=2)[pos]
-    norm = w.sum().clamp_min(1.0)
+    norm = reduce_mean(w.sum()).clamp_min(1.0)  # official assis_avg_factor: reduce_mean, then clamp 1
     giou = generalized_box_iou_loss(a_dec, t_dec, reduction="none")
     parts["assist_box"] = GFL_W_BOX * (giou * w).sum() / norm
     sides = integral(t_box[pos], reg_max).clamp(0, reg_max - DFL_EPS)
