@@ -95,6 +95,9 @@ CODEC_SETS = {
                                 "quality": "int8c+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
     "default+cls=topk9f0.01": {**CODECS, "cls": "topk9f0.01+zstd"},
+    # box maps only at cells where the teacher's class score reaches 0.01 (issue 9 part 3: box losses
+    # are weighted by teacher score or positives); zeros elsewhere
+    "default+box=mask0.01": {**CODECS, "box": "mask0.01+zstd", "quality": "mask0.01+zstd"},
     # one PCA basis per cache (stores.cache_basis, fitted here on other images of the row): no basis in
     # the records; K = 64 or 128 of 256 channels, and the full-rank transform (nothing truncated)
     "cpca64s0.25": {**CODECS, "fpn": "cpca64s0.25+pco"},

@@ -64,16 +64,21 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import msgpack
 import numpy as np
 
 from stores import cache_basis, transforms
-from stores.blob_schema import BLOB_FORMAT, BLOB_VERSION, BlobDecodeError, _check_parts, _header
+from stores.blob_schema import (  # noqa: F401  (ESCAPE re-exported for the device decode)
+    BLOB_FORMAT,
+    BLOB_VERSION,
+    ESCAPE,
+    BlobDecodeError,
+    _check_parts,
+    _header,
+)
 from stores.chains import (  # noqa: F401  (re-exported: the chain grammar is part of the codec API)
     CODEC_CHAINS_FOR_BENCH,
     HOST_TRANSFORMS,
@@ -89,14 +94,22 @@ from stores.lossless import (  # noqa: F401  (re-exported: callers import them f
     _ZSTD,
     _compress,
     _decompress,
+    _dtype,
     _pcodec,
     _zstandard,
     _zstd_content_size,
     _zstd_small,
     decode_part,
+    decoded_part,
     deltas_in_range,
+    narrow_deltas_in_range,
+    narrow_entry,
+    narrow_part,
+    packed_size,
+    part_entry,
     require_libraries,
     undelta_in_place,
+    widen_deltas,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +211,11 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
             # ascending flat indices: their differences compress ~3x better (exact, mod 2**32)
             p = np.diff(p, prepend=np.uint32(0)).astype("<u4") if p.size else p
             filt = "delta"
+            if p.size:  # the same differences as uint8 + escapes where not larger: 4x fewer bytes to decode
+                wide = part_entry(p, filt, *_compress(p, chain.lossless))
+                narrow = narrow_entry(p, chain.lossless)
+                out[name] = narrow if packed_size(narrow) <= packed_size(wide) else wide
+                continue
         codec, data = _compress(p, chain.lossless)
         if chain.transform == "int8c" and name == "q" and codec == "zstd":
             # a dense map's neighbouring cells are close: int8 differences in C order (wrapping mod 256,
@@ -206,11 +224,7 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
             codec_d, data_d = _compress(d, chain.lossless)
             if codec_d == "zstd" and len(data_d) < len(data):
                 p, filt, codec, data = d, "delta", codec_d, data_d
-        out[name] = {"dtype": p.dtype.str, "shape": list(p.shape), "filter": filt, "codec": codec, "bytes": data}
-        if codec == "none":  # stored as is (e.g. a tiny scale vector): no zstd frame checksum guards it
-            out[name]["crc32"] = zlib.crc32(data)
-        elif codec == "pco":  # pcodec streams carry no checksum: the decoded bytes are checked instead
-            out[name]["crc32c"] = google_crc32c.value(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
+        out[name] = part_entry(p, filt, codec, data)
     header = {
         "format": BLOB_FORMAT,
         "version": BLOB_VERSION,
@@ -272,11 +286,8 @@ class CompactArray:
 
 
 DELTA_SUFFIX = ".delta"  # a part handed on still delta-coded: `unpack(..., defer_delta=True)`
-
-
-@functools.lru_cache(maxsize=256)
-def _dtype(s: str) -> np.dtype:
-    return np.dtype(s)  # np.dtype(str) costs ~2 us; a record has ~100 parts
+NARROW_SUFFIX = ".delta8"  # index differences handed on as uint8 with escapes ("delta8" parts) ...
+ESCAPES_SUFFIX = ".escapes"  # ... and the uint32 differences of their escape marks, in order
 
 
 @functools.lru_cache(maxsize=256)
@@ -285,16 +296,27 @@ def _chain(spec: str) -> CodecChain:
 
 
 def undelta(parts: dict) -> dict:
-    """Parts with every ``<name>.delta`` part (uint32 differences, see `unpack`'s `defer_delta`)
-    replaced by ``<name>``: the indices, by the reference's uint32 cumsum (a new array)."""
-    if not any(k.endswith(DELTA_SUFFIX) for k in parts):
+    """The numpy reference of the device's cumsums: parts handed on still delta-coded (`unpack`'s
+    `defer_delta`) replaced by the parts themselves (new arrays); other parts unchanged.
+
+    - ``<name>.delta`` uint32 [M]: index differences, uint32 cumsum;
+    - ``<name>.delta`` int8 (any shape): an int8c map's codes, cumsum in C order wrapping mod 256;
+    - ``<name>.delta8`` uint8 [M] + ``<name>.escapes`` uint32 [E]: index differences, each 255 replaced
+      in order by the next escape (`stores.lossless.widen_deltas`), then the uint32 cumsum."""
+    if not any(k.endswith((DELTA_SUFFIX, NARROW_SUFFIX)) for k in parts):
         return parts
     out = {}
     for k, v in parts.items():
         if k.endswith(DELTA_SUFFIX):
-            d = np.asarray(v)
-            out[k[: -len(DELTA_SUFFIX)]] = np.cumsum(d, dtype=d.dtype)
-        else:
+            d = np.array(v)  # a copy: the handed-on part stays as it is
+            undelta_in_place(d)
+            out[k[: -len(DELTA_SUFFIX)]] = d
+        elif k.endswith(NARROW_SUFFIX):
+            base = k[: -len(NARROW_SUFFIX)]
+            d = widen_deltas(np.asarray(v), np.asarray(parts[base + ESCAPES_SUFFIX]))
+            undelta_in_place(d)
+            out[base] = d
+        elif not k.endswith(ESCAPES_SUFFIX):
             out[k] = v
     return out
 
@@ -312,39 +334,41 @@ def _dtype_name(s: str) -> str:
 def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
     """Lossless stage + framing only: blob -> CompactArray (raises BlobDecodeError on bad bytes).
 
-    ``defer_delta=True`` (the loader's hot path): a delta-filtered index part is handed on as the
-    uint32 differences under ``<name>.delta`` and the training device does the cumsum
-    (`stages.distill.device_decode`; `decode_compact` / `undelta` do it in numpy), which saves the
-    worker a pass over the largest part. Its range is still checked here (`_deltas_in_range`); a
-    part that fails that bound falls back to the host cumsum and the reference check."""
+    ``defer_delta=True`` (the loader's hot path) hands delta-filtered parts on still coded, and the
+    training device does the cumsum (`stages.distill.device_decode`; `undelta` / `decode_compact` do
+    it in numpy), which saves the worker a pass over its largest parts:
+
+    - an index part (sparse / topk / mask ``idx``) as ``idx.delta`` (uint32 differences) or, for a
+      "delta8" part, ``idx.delta8`` (uint8) + ``idx.escapes`` (uint32). Their range is checked here
+      first (`deltas_in_range` / `narrow_deltas_in_range`: every index < n, escape marks = escapes),
+      so no malformed blob reaches a device index op; a part that fails the check falls back to the
+      host cumsum and the reference's checks (which raise);
+    - an int8c map's int8 codes as ``q.delta`` (same shape; any int8 is a valid code, so no check).
+    """
     h = _header(blob)
     try:
         chain = _chain(h["chain"])
         shape = tuple(map(int, h["shape"]))
         dtype = _dtype(h["dtype"])
         parts = {}
-        deferred = None
+        deferred = []
+        narrow = None  # (name, uint8 differences, escapes) of a delta8 part handed on as it is
         for name, p in h["parts"].items():
-            dt = _dtype(p["dtype"])
-            pshape = tuple(map(int, p["shape"]))
-            nbytes = math.prod(pshape) * dt.itemsize
-            try:
-                data = decode_part(p, nbytes)
-            except BlobDecodeError as err:
-                raise BlobDecodeError(f"part {name!r} {err}") from None
-            if len(data) != nbytes:
-                raise BlobDecodeError(f"part {name!r}: {len(data)} bytes for shape {pshape} of {dt}")
-            # native order and writable (frombuffer views of bytes are read-only): torch.from_numpy
-            # can share them, a DataLoader can pin them
-            arr = np.frombuffer(data, dtype=dt).reshape(pshape)
-            if not dt.isnative:
-                arr = arr.astype(dt.newbyteorder("="))
-            elif not arr.flags.writeable:
-                arr = arr.copy()
             filt = p.get("filter", "none")
+            if filt == "delta8":
+                d8, esc = narrow_part(name, p)
+                if defer_delta and narrow is None:
+                    narrow = (name, d8, esc)
+                    arr = np.broadcast_to(np.zeros((), np.uint32), d8.shape)  # stands in for the check below
+                else:
+                    arr = widen_deltas(d8, esc)
+                    _undelta_in_place(arr)
+                parts[name] = arr
+                continue
+            arr = decoded_part(name, p)
             if filt == "delta":
-                if defer_delta and deferred is None and arr.ndim == 1:
-                    deferred = name
+                if defer_delta and arr.ndim >= 1 and (arr.dtype == np.int8 or (arr.dtype == np.uint32 and arr.ndim == 1)):
+                    deferred.append(name)
                 else:
                     _undelta_in_place(arr)
             elif filt != "none":
@@ -353,11 +377,22 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
         _check_parts(parts, chain, shape, dtype, BlobDecodeError)
         indexed = chain.transform in INDEXED and parts["idx"].size
         n = math.prod(shape[1:] if chain.transform == "mask" else shape)  # mask: cell indices
-        if deferred is not None:  # handed on only when the differences provably stay in range
-            if indexed and deferred == "idx" and n <= 2**31 and _deltas_in_range(parts["idx"], n):
-                parts[deferred + DELTA_SUFFIX] = parts.pop(deferred)
+        for name in deferred:  # handed on only when the device's cumsum is provably the reference's
+            arr = parts[name]
+            if arr.dtype == np.int8:  # int8c codes: the device wraps mod 256 like the reference
+                parts[name + DELTA_SUFFIX] = parts.pop(name)
+            elif indexed and name == "idx" and n <= 2**31 and _deltas_in_range(arr, n):
+                parts[name + DELTA_SUFFIX] = parts.pop(name)
             else:
-                _undelta_in_place(parts[deferred])
+                _undelta_in_place(arr)
+        if narrow is not None:
+            name, d8, esc = narrow
+            if indexed and name == "idx" and n <= 2**31 and narrow_deltas_in_range(d8, esc, n):
+                del parts[name]
+                parts[name + NARROW_SUFFIX], parts[name + ESCAPES_SUFFIX] = d8, esc
+            else:  # the reference's path: raises on a wrong escape count, then on the range below
+                parts[name] = widen_deltas(d8, esc)
+                _undelta_in_place(parts[name])
         if indexed and "idx" in parts and int(parts["idx"].max()) >= n:
             raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
     except BlobDecodeError:
