@@ -311,7 +311,8 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
     # what a stage-2 run of each method reads per record (its losses' needs), each read as that run reads it
     method_sets = {m: sorted(targets_for(kd[m].needs())) for m in LOSS_NAMES}
     labels = {"+".join(t): t for t in method_sets.values()}
-    loader = loader_bench.measure_store_apart(store, settings, target_sets=labels)  # a worker-like process
+    # a worker-like process; more rounds than the fidelity part: a round reads only the row's few records
+    loader = loader_bench.measure_store_apart(store, replace(settings, rounds=args.loader_rounds), target_sets=labels)
     rps = loader["records_per_s"]
     by_method = {m: {"targets": t, "zarr": rps.get(f"zarr {'+'.join(t)}"), "wds": rps.get(f"wds {'+'.join(t)}")}
                  for m, t in method_sets.items()}
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sets", default="",
                         help="comma-separated codec sets to measure besides 'default' (default: all of CODEC_SETS)")
     parser.add_argument("--step-rounds", type=int, default=1, help="offline/online step rounds (0 = skip)")
+    parser.add_argument("--loader-rounds", type=int, default=15,
+                        help="rounds of the loader measurement (each reads the row's records once per side)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the existing result file that this run does not measure")
     args = parser.parse_args(argv)

@@ -190,7 +190,7 @@ def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, 
                                                          checkpoint=str(tmp_path / "none/model.pt")))
     torch.set_num_threads(1)
     out = realscale.main(["--teachers", "tiny,demo", "--view", "128,192", "--warm-view", "128,128", "--images", "1",
-                          "--student-steps", "1", "--rounds", "1", "--step-rounds", "1", "--device", "cpu",
+                          "--student-steps", "1", "--rounds", "1", "--step-rounds", "1", "--loader-rounds", "2", "--device", "cpu",
                           "--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")])
     saved = json.loads((tmp_path / "res/realscale.json").read_text())["results"]
     for key in ("view", "teacher", "bytes_per_record", "bytes_by_target", "loader_records_per_s_per_worker",
