@@ -53,6 +53,16 @@ GFL_GTS = [
 ]
 
 
+
+def values_and_grads(prefix: str, parts: dict, inputs: list) -> dict:
+    """{prefix/part: the loss value, prefix/part/grad: its gradient w.r.t. each input (zeros where unused)}."""
+    res = {}
+    for part, value in parts.items():
+        grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+        res[f"{prefix}/{part}"] = value.detach()
+        res[f"{prefix}/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
+    return res
+
 def gfl_inputs():
     torch.manual_seed(0)
     det = build_detector(ModelParams(arch="gfl", backbone="resnet18", fpn_channels=16, head_convs=1,
@@ -73,12 +83,7 @@ def gfl_rank(det, cls, reg, targets, images: slice) -> dict:
     out = DetectorOutput(fpn=fpn, strides=det.strides, image_sizes=[(GFL_SIZE, GFL_SIZE)] * len(c[0]),
                          cls_logits=c, box_reg=r, anchors=det.anchors(fpn))
     losses = det.compute_losses(out, targets[images])
-    res = {}
-    for part in ("cls", "box", "dfl"):
-        grads = torch.autograd.grad(losses[part], c + r, retain_graph=True, allow_unused=True)
-        res[f"gt_gfl/{part}"] = losses[part].detach()
-        res[f"gt_gfl/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(c + r, grads)]
-    return res
+    return values_and_grads("gt_gfl", {part: losses[part] for part in ("cls", "box", "dfl")}, c + r)
 
 
 def gfl_oracle(det, cls, reg, targets) -> dict:
@@ -123,12 +128,7 @@ def gfl_oracle(det, cls, reg, targets) -> dict:
         dfl = dfl + (((left + 1 - target) * ce_l + (target - left) * ce_r) * w[:, None]).sum() / 4
     norm = max(float(w_sum), 1.0)
     parts = {"cls": qfl / num_pos, "box": 2.0 * giou / norm, "dfl": 0.25 * dfl / norm}
-    res = {}
-    for part, value in parts.items():
-        grads = torch.autograd.grad(value, c + r, retain_graph=True, allow_unused=True)
-        res[f"gt_gfl/{part}"] = value.detach()
-        res[f"gt_gfl/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(c + r, grads)]
-    return res
+    return values_and_grads("gt_gfl", parts, c + r)
 
 
 # ---------------------------------------------------------------- CrossKD prediction-mimicking terms
@@ -188,12 +188,7 @@ def crosskd_rank(arch: str, images: slice) -> dict:
     valid = valid_masks(SIZES[images], SHAPES, STRIDES)
     loss = CrossKDLoss(arch, K, 8, 8, reg_max=REG_MAX, gfl_giou=True)
     parts = loss.mimic(c, r, t, valid, level_anchors(a), matched[images], targets[images])
-    res = {}
-    for part, value in parts.items():
-        grads = torch.autograd.grad(value, c + r, retain_graph=True, allow_unused=True)
-        res[f"{arch}/{part}"] = value.detach()
-        res[f"{arch}/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(c + r, grads)]
-    return res
+    return values_and_grads(arch, parts, c + r)
 
 
 def flat(maps: list[torch.Tensor], channels: int) -> torch.Tensor:
@@ -240,12 +235,7 @@ def crosskd_oracle(arch: str) -> dict:
         iou_loss = -(inter / union.clamp(min=1e-6)).clamp(min=1e-6).log()
         t_max = tp.amax(-1)
         parts["box"] = 0.75 * torch.where(weight, iou_loss * t_max, 0.0).sum() / denom
-    res = {}
-    for part, value in parts.items():
-        grads = torch.autograd.grad(value, c + r, retain_graph=True, allow_unused=True)
-        res[f"{arch}/{part}"] = value.detach()
-        res[f"{arch}/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(c + r, grads)]
-    return res
+    return values_and_grads(arch, parts, c + r)
 
 
 # ---------------------------------------------------------------- CSKD assistant branch
@@ -276,13 +266,7 @@ def assistant_rank(arch: str, images: slice) -> dict:
     valid = [v.double() for v in valid_masks(SIZES[images], SHAPES, STRIDES)]
     fg = [f.double() for f in box_masks([x["boxes"] for x in targets[images]], SHAPES, STRIDES)]
     parts = assistant_losses(head, student, t, targets[images], list(matched[images]), valid, fg, K, REG_MAX)
-    res = {}
-    for part, value in parts.items():
-        grads = torch.autograd.grad(value, cls_post + reg_post, retain_graph=True, allow_unused=True)
-        res[f"assist_{arch}/{part}"] = value.detach()
-        res[f"assist_{arch}/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr
-                                             for x, gr in zip(cls_post + reg_post, grads)]
-    return res
+    return values_and_grads(f"assist_{arch}", parts, cls_post + reg_post)
 
 
 # ---------------------------------------------------------------- torchvision RetinaNet GT losses
