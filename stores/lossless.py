@@ -284,13 +284,14 @@ def _byte_sum(d8: np.ndarray) -> int:
     return total
 
 
-def widen_deltas(d8: np.ndarray, esc: np.ndarray) -> np.ndarray:
-    """"delta8" differences -> the uint32 differences they stand for (a new array): each escape mark
-    replaced, in order, by the next escape. Raises BlobDecodeError when the counts differ."""
+def widen_deltas(d8: np.ndarray, esc: np.ndarray, dtype: type = np.uint32) -> np.ndarray:
+    """"delta8" differences -> the differences they stand for (a new array of `dtype`: uint32 for the
+    reference, int64 for a CPU training device's cumsum): each escape mark replaced, in order, by
+    the next escape. Raises BlobDecodeError when the counts differ."""
     count = _escape_count(d8)
     if d8.ndim != 1 or esc.ndim != 1 or count != esc.size:
         raise BlobDecodeError(f"delta8: {count} escape marks for {esc.size} escapes")
-    d = d8.astype(np.uint32)
+    d = d8.astype(dtype)
     if count:
         d[d8 == ESCAPE] = esc
     return d

@@ -30,7 +30,7 @@ from stores.codecs import (
     decode_compact,
     parse_chain,
 )
-from stores.lossless import undelta_in_place
+from stores.lossless import undelta_in_place, widen_deltas
 from stores.transforms import logit_tables
 
 _TABLES: dict[tuple[float, str], Tensor] = {}
@@ -99,10 +99,10 @@ def narrow_indices(d8: Tensor, esc: Tensor, gather: bool | None = None) -> Tenso
     is < n, so the k-th mark takes esc[k] and the int64 cumsum is the reference's uint32 one.
 
     On an accelerator (``gather``) the k-th mark's escape is gathered at (running count of marks - 1)
-    with torch: no host sync (nonzero would wait for the device). On the CPU the marks are found
-    with numpy's flatnonzero and the E escapes written there, then numpy's int64 cumsum, on the
-    tensors' own memory: torch's CPU nonzero / gather over M entries are ~10x slower (COCO-shaped P3,
-    3.6 M differences: ~3 ms this way, ~8 ms with torch's nonzero, ~35 ms with the gather)."""
+    with torch: no host sync (nonzero would wait for the device). On the CPU the reference's numpy
+    widening (each mark replaced by the next escape) and numpy's int64 cumsum, on the tensors' own
+    memory: torch's CPU nonzero / gather over M entries are ~10x slower (COCO-shaped P3, 3.6 M
+    differences: ~3 ms with numpy, ~8 ms with torch's nonzero, ~35 ms with the gather)."""
     if gather is None:
         gather = d8.device.type != "cpu"
     if gather:
@@ -111,10 +111,7 @@ def narrow_indices(d8: Tensor, esc: Tensor, gather: bool | None = None) -> Tenso
             mark = d8 == ESCAPE
             d = torch.where(mark, esc.long()[(mark.cumsum(0) - 1).clamp_min(0)], d)
         return d.cumsum_(0)
-    small = d8.numpy()
-    d = small.astype(np.int64)
-    if esc.numel():
-        d[np.flatnonzero(small == ESCAPE)] = esc.numpy()
+    d = widen_deltas(d8.numpy(), esc.numpy(), np.int64)  # the host reference's widening, into int64
     return torch.from_numpy(np.cumsum(d, out=d))
 
 
