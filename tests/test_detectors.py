@@ -455,3 +455,23 @@ def test_pretrained_backbone_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a state_dict of this ResNet"):
         build_detector(tiny("retinanet", pretrained_backbone=str(path)), K)
+
+
+def test_checkpoint_loads_after_its_pretrained_backbone_file_is_gone(tmp_path):
+    """A checkpoint holds every weight: loading it must not need (or read) the file training started from."""
+    from stages.detectors.checkpoint import load_teacher, teacher_model_params
+
+    net = torchvision.models.resnet18(weights=None)
+    backbone_file = tmp_path / "r18.pt"
+    torch.save(net.state_dict(), backbone_file)
+    cfg = tiny("retinanet", pretrained_backbone=str(backbone_file))
+    det = build_detector(cfg, K)
+    with torch.no_grad():
+        det.backbone.body.conv1.weight.add_(1.0)  # trained on from the file's weights
+    ckpt = tmp_path / "model.pt"
+    torch.save(checkpoint_dict(det, cfg), ckpt)
+    backbone_file.unlink()
+    for loaded in (load_detector(ckpt), load_detector(ckpt, cfg),
+                   load_teacher(ckpt, teacher_model_params(ckpt), K)):
+        assert torch.equal(loaded.backbone.body.conv1.weight, det.backbone.body.conv1.weight)
+    assert teacher_model_params(ckpt)["pretrained_backbone"] == ""  # no machine-local path in a cache's record

@@ -9,6 +9,7 @@ key names are torchvision's, `FrozenBatchNorm2d` checkpoints (no `num_batches_tr
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,12 @@ def build_detector(cfg: ModelParams, num_classes: int) -> Detector:
     if cfg.arch not in DETECTORS:
         raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(DETECTORS)}")
     return DETECTORS[cfg.arch](cfg, num_classes)
+
+
+def build_to_load(cfg: ModelParams, num_classes: int) -> Detector:
+    """A detector about to receive a checkpoint's weights: `cfg.pretrained_backbone` is not loaded, since
+    the checkpoint holds every weight and the file training started from may be gone."""
+    return build_detector(replace(cfg, pretrained_backbone=""), num_classes)
 
 
 def build_head(cfg: ModelParams, num_classes: int) -> nn.Module:
@@ -90,7 +97,7 @@ def load_detector(
                 f"{path}: a raw state_dict (no 'model'/'model_params' keys) needs cfg and num_classes to load"
             )
         weights = state
-    model = build_detector(cfg, num_classes)
+    model = build_to_load(cfg, num_classes)
     load_weights(model, weights, f"{path} ({_describe(cfg, num_classes)})")
     return model
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from stages.config import ModelParams, from_dict, to_dict
 from stages.detectors import mmdet_import, torchvision_import
 from stages.detectors.base import Detector
-from stages.detectors.build import ARCH_FIELDS, build_detector, load_weights
+from stages.detectors.build import ARCH_FIELDS, build_to_load, load_weights
 from stages.detectors.label_space import LabelMap, LabelSpace, map_labels, slice_classes, unnamed
 
 KNOBS = ("score_thresh", "nms_thresh", "detections_per_img")  # inference settings params may change
@@ -101,7 +101,8 @@ def _open(path: Path) -> TeacherFile:
     where = f"teacher checkpoint {path}"
     if "model" in state and "model_params" in state:
         try:
-            model = from_dict(ModelParams, state["model_params"], "model_params")
+            # the checkpoint holds every weight: the backbone file it started from is neither needed nor loaded
+            model = replace(from_dict(ModelParams, state["model_params"], "model_params"), pretrained_backbone="")
             k = int(state["num_classes"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{where}: damaged kdcache checkpoint ({err}); retrain it") from None
@@ -133,7 +134,7 @@ def _checked(tf: TeacherFile) -> TeacherFile:
     import torch
 
     with torch.device("meta"):
-        model = build_detector(tf.model, tf.num_outputs)
+        model = build_to_load(tf.model, tf.num_outputs)
     own = model.state_dict()
     tf.missing = [k for k in own if k not in tf.weights and not k.endswith("num_batches_tracked")]
     tf.unmatched = tf.unmatched + [k for k in tf.weights if k not in own]
@@ -191,7 +192,7 @@ def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
     if foreign:  # model weights we would silently drop: another architecture than recognised
         raise ValueError(f"teacher checkpoint {checkpoint} ({tf.name}): {len(foreign)} weights match no zoo layer "
                          f"{foreign[:3]}; python -m pipeline.inspect_teacher {checkpoint} lists them")
-    model = build_detector(cfg, k)
+    model = build_to_load(cfg, k)
     load_weights(model, weights, f"teacher checkpoint {checkpoint} ({tf.name})")
     return model
 
