@@ -62,7 +62,9 @@ class ModelParams:
     reg_max: int = 16  # GFL: bins of the box-side distribution
     anchor_size: int = 32  # RetinaNet: P3 anchor size in px, doubling per level (torchvision: 32; 16 for tiny objects)
     num_classes: int = 0  # 0 = take it from the training annotations
-    pretrained_backbone: str = ""  # optional local path to backbone weights (no downloads)
+    # optional local path to ResNet weights (no downloads): a torchvision ResNet state_dict, or a kdcache
+    # detector checkpoint whose backbone body is taken (e.g. the demo teacher's, for a wider-FPN teacher)
+    pretrained_backbone: str = ""
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -457,6 +457,25 @@ def test_pretrained_backbone_file(tmp_path):
         build_detector(tiny("retinanet", pretrained_backbone=str(path)), K)
 
 
+def test_pretrained_backbone_from_a_detector_checkpoint(tmp_path):
+    """A kdcache checkpoint's ResNet body seeds another detector (other FPN width, head, arch); the rest is new."""
+    donor = build_detector(tiny("retinanet"), K)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(0.5)
+    ckpt = tmp_path / "donor.pt"
+    torch.save(checkpoint_dict(donor, tiny("retinanet")), ckpt)
+    det = build_detector(tiny("fcos", pretrained_backbone=str(ckpt)), K + 2)
+    donor_body, body = donor.backbone.body.state_dict(), det.backbone.body.state_dict()
+    assert body.keys() == donor_body.keys() and all(torch.equal(body[k], donor_body[k]) for k in body)
+    fpn_key = "inner_blocks.0.0.weight"
+    assert not torch.equal(det.backbone.fpn.state_dict()[fpn_key], donor.backbone.fpn.state_dict()[fpn_key])
+    r34 = dataclasses.replace(tiny("retinanet"), backbone="resnet34")
+    torch.save(checkpoint_dict(build_detector(r34, K), r34), ckpt)
+    with pytest.raises(ValueError, match="not a state_dict of this ResNet"):
+        build_detector(tiny("retinanet", pretrained_backbone=str(ckpt)), K)
+
+
 def test_checkpoint_loads_after_its_pretrained_backbone_file_is_gone(tmp_path):
     """A checkpoint holds every weight: loading it must not need (or read) the file training started from."""
     from stages.detectors.checkpoint import load_teacher, teacher_model_params

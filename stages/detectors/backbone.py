@@ -43,7 +43,8 @@ def build_backbone(
 
     Returns the torchvision `BackboneWithFPN`; its forward gives an OrderedDict
     {'0': P3, '1': P4, '2': P5, 'p6': P6, 'p7': P7}, each [B, fpn_channels, H/s, W/s].
-    `pretrained`: optional local path to a torchvision ResNet state_dict (no downloads).
+    `pretrained`: optional local path to a torchvision ResNet state_dict, or to a kdcache detector
+    checkpoint whose ResNet body is taken (`backbone.body.*`); no downloads.
     `variant` (ModelParams.variant) picks the extra levels of the checkpoint family:
       ''/'tv_v1': P6 = conv(P5), P7 = conv(relu(P6))   (torchvision v1 RetinaNet / FCOS)
       'tv_v2'   : P6 = conv(C5), P7 = conv(relu(P6))   (torchvision retinanet_resnet50_fpn_v2)
@@ -92,6 +93,9 @@ def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a ResNet state_dict, got {type(state).__name__}")
+    if "model" in state and "model_params" in state:  # a kdcache detector checkpoint: its trained ResNet body
+        prefix = "backbone.body."
+        state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     state = dict(state)
     own = net.state_dict()
     for key, value in own.items():
