@@ -52,7 +52,7 @@ from bench.fixtures import CACHE_CODECS, Fixture, measure_archs
 from bench.synth_targets import class_probs
 from stages.cache.plan import plan_records
 from stages.cache.worker import block_batches
-from stages.config import DistillParams
+from stages.config import DistillParams, to_dict
 from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
 from stages.detectors.build import build_detector, load_detector
@@ -117,7 +117,7 @@ class LiveSet:
         teacher = load_detector(fix.checkpoint).to(device).eval()
         torch.manual_seed(1)
         student = build_detector(fix.student_cfg, dataset.num_classes).to(device).train()
-        t_arch = {"arch": fix.teacher_cfg.arch, "fpn_channels": fix.teacher_cfg.fpn_channels}
+        t_arch = to_dict(fix.teacher_cfg)
         ctx = loss_context(student, t_arch, teacher.num_classes, teacher.box_dim, teacher.has_quality)
         distill = DistillParams()
         self.losses = {}

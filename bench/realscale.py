@@ -181,7 +181,8 @@ def teacher_row(name: str, spec: dict, device: torch.device) -> tuple[torch.nn.M
 
 def kd_modules(student, teacher, device) -> tuple[dict[str, torch.nn.Module], int]:
     distill = DistillParams()
-    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels}
+    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels, "variant": teacher.variant,
+              "anchor_size": getattr(teacher, "anchor_size", 0)}
     ctx = loss_context(student, t_arch, teacher.num_classes, teacher.box_dim, teacher.has_quality)
     kd = {}
     for method in LOSS_NAMES:

@@ -128,7 +128,8 @@ def _gradients(reader, params, teacher, dataset, n: int, device, student_ckpt: s
     else:
         student = build_detector(params.student.model, teacher.num_classes)
     student = student.to(device).train()
-    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels}
+    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels, "variant": teacher.variant,
+              "anchor_size": getattr(teacher, "anchor_size", 0)}
     ctx = loss_context(student, t_arch, teacher.num_classes, teacher.box_dim, teacher.has_quality)
     cached = set(reader.manifest.fingerprint["targets"])
     kd, skipped = {}, {}

@@ -20,7 +20,7 @@ from stages.cache.fidelity import (
     roundtrip,
     target_errors,
 )
-from stages.config import DistillParams, ModelParams
+from stages.config import DistillParams, ModelParams, to_dict
 from stages.detectors.build import build_detector
 from stages.distill.run import loss_context, run_from_index
 from stages.distill.teacher_source import live_records, records_to_targets
@@ -42,7 +42,7 @@ def setup():
     teacher = build_detector(t_cfg, 3).eval()
     student = build_detector(s_cfg, 3).train()
     distill = DistillParams()
-    ctx = loss_context(student, {"arch": "retinanet", "fpn_channels": 16}, 3, teacher.box_dim, teacher.has_quality)
+    ctx = loss_context(student, to_dict(t_cfg), 3, teacher.box_dim, teacher.has_quality)
     kd = {}
     for m in LOSS_NAMES:
         torch.manual_seed(2)

@@ -109,3 +109,27 @@ def test_all_losses_together_on_a_real_head():
     # the trainable parts are what the training loop checkpoints
     again = build({name: 1.0 for name in LOSS_NAMES})
     again.load_state_dict(kd.state_dict())
+
+
+def test_retinanet_anchor_layouts_must_agree_for_per_anchor_losses():
+    """A RetinaNet teacher's class / box maps are per anchor: a student with other anchor sizes (or
+    mmdet's unrounded sizes against torchvision's) is refused for the losses that read them, by name."""
+    from stages.config import ModelParams, to_dict
+    from stages.detectors.build import build_detector
+    from stages.distill.run import loss_context
+
+    def ctx_for(student_kw: dict, teacher_kw: dict) -> LossContext:
+        base = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 8, "head_convs": 1}
+        student = build_detector(ModelParams(**base, **student_kw), K)
+        return loss_context(student, to_dict(ModelParams(**base, **teacher_kw)), K, 4, False)
+
+    ctx = ctx_for({"anchor_size": 16}, {})  # torchvision's 32 px teacher, a 16 px student
+    for name in ("crosskd", "rm", "pfi", "cskd"):
+        with pytest.raises(ConfigError, match=rf"distill.losses.{name}: the teacher's RetinaNet anchors on P3 are "
+                                              r"\(32\.0, 40\.0, 50\.0\) px, the student's \(16\.0, 20\.0, 25\.0\) px"):
+            build({name: 1.0}, ctx)
+    assert set(build({"mse": 1.0, "cosine": 1.0, "ssim": 1.0}, ctx).losses) == {"mse", "cosine", "ssim"}
+    with pytest.raises(ConfigError, match="distill.losses.crosskd: the teacher's RetinaNet anchors"):
+        build({"crosskd": 1.0}, ctx_for({}, {"variant": "mmdet"}))  # 40.32 px against 40 px
+    same = ctx_for({"anchor_size": 16}, {"anchor_size": 16})
+    assert set(build({"crosskd": 1.0, "rm": 1.0, "pfi": 1.0, "cskd": 1.0}, same).losses) == {"crosskd", "rm", "pfi", "cskd"}

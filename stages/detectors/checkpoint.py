@@ -101,8 +101,7 @@ def _open(path: Path) -> TeacherFile:
     where = f"teacher checkpoint {path}"
     if "model" in state and "model_params" in state:
         try:
-            # the checkpoint holds every weight: the backbone file it started from is neither needed nor loaded
-            model = replace(from_dict(ModelParams, state["model_params"], "model_params"), pretrained_backbone="")
+            model = from_dict(ModelParams, state["model_params"], "model_params")
             k = int(state["num_classes"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{where}: damaged kdcache checkpoint ({err}); retrain it") from None

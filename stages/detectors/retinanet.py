@@ -53,11 +53,22 @@ def retinanet_anchors(base: int = 32, exact: bool = False) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
+def anchor_layout(params: dict) -> tuple | None:
+    """The per-level anchor sizes (px, rounded to 0.01) of a RetinaNet built from these model params (a
+    ModelParams dict, e.g. a cache's teacher_arch); None for other archs or without `anchor_size`. Per-anchor targets (class and
+    box maps, candidates) mean the same boxes only between detectors of equal layouts."""
+    if params.get("arch") != "retinanet" or "anchor_size" not in params:  # not RetinaNet, or not said
+        return None
+    gen = retinanet_anchors(int(params.get("anchor_size", 32)), exact=params.get("variant") in ("mmdet", "mmdet_caffe"))
+    return tuple(tuple(round(float(x), 2) for x in level) for level in gen.sizes)
+
+
 class RetinaNetDetector(DenseDetector):
     arch = "retinanet"
 
     def __init__(self, cfg: ModelParams, num_classes: int):
         super().__init__(cfg, num_classes, cfg.head_convs, reuse_index=3)
+        self.anchor_size = cfg.anchor_size
         self.anchor_generator = retinanet_anchors(cfg.anchor_size, exact=cfg.variant in ("mmdet", "mmdet_caffe"))
         self.num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         self.box_dim, self.reg_max = 4, 0

@@ -29,6 +29,7 @@ from stages.detector_training import to_device
 from stages.detectors.base import crosskd_run_from_index
 from stages.detectors.build import build_detector, checkpoint_dict
 from stages.detectors.checkpoint import load_mapped_teacher
+from stages.detectors.retinanet import anchor_layout
 from stages.distill.loader import CachedViewDataset, cached_views, check_padding, wds_batches
 from stages.distill.teacher_source import (
     cached_records_to_device,
@@ -81,6 +82,9 @@ def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: 
         assign=student_assigner(student) if student.dense else None,
         student_head_convs=getattr(student, "head_convs", 0),
         teacher_head_convs=t_arch.get("head_convs", 0) if t_arch["arch"] != "faster_rcnn" else 0,
+        teacher_anchors=anchor_layout(t_arch),
+        student_anchors=anchor_layout({"arch": student.arch, "anchor_size": getattr(student, "anchor_size", 0),
+                                       "variant": student.variant}),
     )
 
 

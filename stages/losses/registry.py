@@ -55,6 +55,11 @@ class LossContext:
     assign: Callable | None = None
     student_head_convs: int = 0  # tower layers per branch (CSKD's tower terms pair them up)
     teacher_head_convs: int = 0
+    # per-level anchor sizes of a RetinaNet teacher and student (`stages.detectors.retinanet.anchor_layout`;
+    # None: not RetinaNet): when they differ, the teacher's per-anchor class / box maps and candidates
+    # describe other boxes than the student's anchors
+    teacher_anchors: tuple | None = None
+    student_anchors: tuple | None = None
 
 
 LOSS_NAMES = ("mse", "cosine", "cskd", "ssim", "crosskd", "rm", "pfi")
@@ -116,6 +121,12 @@ def _check(name: str, ctx: LossContext) -> None:
         if ctx.box_dim != ctx.teacher_box_dim:
             raise ConfigError(f"distill.losses.crosskd: student box_dim {ctx.box_dim} != teacher "
                               f"{ctx.teacher_box_dim}: use the same reg_max for both")
+    if (name in DENSE_ONLY or name == "cskd") and None not in (ctx.teacher_anchors, ctx.student_anchors) \
+            and ctx.teacher_anchors != ctx.student_anchors:
+        t, s = ctx.teacher_anchors[0], ctx.student_anchors[0]
+        raise ConfigError(f"distill.losses.{name}: the teacher's RetinaNet anchors on P3 are {t} px, the student's "
+                          f"{s} px, so the teacher's per-anchor class and box targets describe other boxes; give "
+                          "student.model the teacher's anchor_size and variant")
     if name == "rm" and _teacher_anchors(ctx) != ctx.num_anchors:
         raise ConfigError(f"distill.losses.rm: the {ctx.teacher_arch} teacher's candidate anchors do not index "
                           f"the {ctx.student_arch} student's anchors (anchors per location differ)")
