@@ -215,3 +215,18 @@ def test_synth20_profile_has_20_plus_classes():
         return q.teacher.train.steps * q.teacher.train.batch_size * q.data.min_size * q.data.max_size
 
     assert pixels(p) > 2 * pixels(demo)  # trained clearly longer than the demo teacher, in pixels seen
+
+
+def test_synth20coco_profile_is_coco_shaped_on_the_synth20_data():
+    from pathlib import Path
+
+    from pipeline.params import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    p, synth20 = load_params(root / "profiles/synth20coco.yaml"), load_params(root / "profiles/synth20.yaml")
+    t = p.teacher.model
+    assert (t.arch, t.backbone, t.fpn_channels, t.head_convs) == ("retinanet", "resnet50", 256, 4)  # COCO's shape
+    assert p.data == synth20.data  # the data its body was trained on
+    assert t.pretrained_backbone == synth20.teacher.checkpoint and t.backbone == synth20.teacher.model.backbone
+    assert p.student.model.anchor_size == t.anchor_size  # per-anchor KD losses need equal anchors
+    assert p.teacher.checkpoint != synth20.teacher.checkpoint and p.cache.path != synth20.cache.path
