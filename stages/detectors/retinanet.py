@@ -55,8 +55,9 @@ def retinanet_anchors(base: int = 32, exact: bool = False) -> AnchorGenerator:
 
 def anchor_layout(params: dict) -> tuple | None:
     """The per-level anchor sizes (px, rounded to 0.01) of a RetinaNet built from these model params (a
-    ModelParams dict, e.g. a cache's teacher_arch); None for other archs or without `anchor_size`. Per-anchor targets (class and
-    box maps, candidates) mean the same boxes only between detectors of equal layouts."""
+    ModelParams dict, e.g. a cache's teacher_arch); None for other archs or without `anchor_size`.
+    Per-anchor targets (class and box maps, candidates) mean the same boxes only between detectors of
+    (nearly) equal layouts (`stages.losses.registry` checks)."""
     if params.get("arch") != "retinanet" or "anchor_size" not in params:  # not RetinaNet, or not said
         return None
     gen = retinanet_anchors(int(params.get("anchor_size", 32)), exact=params.get("variant") in ("mmdet", "mmdet_caffe"))
