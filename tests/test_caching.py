@@ -131,8 +131,9 @@ def test_records_extent_candidates_detections_tower(tiny_cache):
         for branch in ("cls", "reg"):
             for i in range(2):
                 t = a[f"tower.{branch}.{i}"]
-                assert t.shape == (3, 16) and t.dtype == np.float64 and np.all(t[0] == cells)
-                assert np.all(t[2] >= t[1] ** 2 / cells - 1e-6), "sum of squares >= (sum)^2 / n"
+                assert t.shape == (3, 16) and t.dtype == np.float32 and np.all(t[0] == cells)
+                t = t.astype(np.float64)
+                assert np.all(t[2] >= t[1] ** 2 / cells * (1 - 1e-5) - 1e-6), "sum of squares >= (sum)^2 / n"
     assert len(padded_seen) > 1, "the fixture views give several padded sizes"
 
 
