@@ -21,8 +21,9 @@ h_l = ceil(h / stride_l), w_l = ceil(w / stride_l)):
                  per-level batch mean and unbiased std (official `align_scale` runs level by level)
                  Summed in float64, stored in float32 (caches before issue 9's end: float64; both
                  read alike, stage 2 sums the batch in float64): on a COCO-shaped teacher at 800x1344
-                 the std it gives moves by 1.3e-6 (relative) at most, the record shrinks by ~87 kB
-                 (180 -> 93 kB of 1.38 MB), and a CUDA teacher's bf16 maps hold less precision anyway
+                 the std it gives moves by 1.3e-6 (relative) at most, the tower stats of a record
+                 shrink from 186 to 100 kB (bench.realscale coco-synth20: 1.38 -> 1.30 MB), and a CUDA
+                 teacher's bf16 maps hold less precision than float32 anyway
 """
 
 from __future__ import annotations
