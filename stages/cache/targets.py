@@ -19,7 +19,7 @@ h_l = ceil(h / stride_l), w_l = ceil(w / stride_l)):
                  pre-activation at layer i over valid cells of all levels (pooled; older caches)
   tower.{branch}.{i}.{l} [3, C] float32: the same per FPN level l, so stage 2 forms CrossKD's
                  per-level batch mean and unbiased std (official `align_scale` runs level by level)
-                 Summed in float64, stored in float32 (caches before issue 9's end: float64; both
+                 Summed in float64, stored in float32 (older caches hold float64; both
                  read alike, stage 2 sums the batch in float64): on a COCO-shaped teacher at 800x1344
                  the std it gives moves by 1.3e-6 (relative) at most, the tower stats of a record
                  shrink from 186 to 100 kB (bench.realscale coco-synth20: 1.38 -> 1.30 MB), and a CUDA
