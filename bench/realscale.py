@@ -73,7 +73,7 @@ from stages.data.coco import CocoDataset
 from stages.data.synthetic import class_specs, render_image
 from stages.data.views import View
 from stages.detectors.build import build_detector, load_detector
-from stages.distill.run import loss_context, run_from_index, targets_for
+from stages.distill.run import detector_arch, loss_context, run_from_index, targets_for
 from stages.distill.teacher_source import cached_records_to_device, live_records, records_to_targets
 from stages.losses.registry import LOSS_NAMES, build_kd_losses
 from stores import EncodedRecord, Manifest, decode_record, open_writer
@@ -193,9 +193,7 @@ def teacher_row(name: str, spec: dict, device: torch.device) -> tuple[torch.nn.M
 
 def kd_modules(student, teacher, device) -> tuple[dict[str, torch.nn.Module], int]:
     distill = DistillParams()
-    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels, "variant": teacher.variant,
-              "anchor_size": getattr(teacher, "anchor_size", 0)}
-    ctx = loss_context(student, t_arch, teacher.num_classes, teacher.box_dim, teacher.has_quality)
+    ctx = loss_context(student, detector_arch(teacher), teacher.num_classes, teacher.box_dim, teacher.has_quality)
     kd = {}
     for method in LOSS_NAMES:
         torch.manual_seed(2)

@@ -119,7 +119,7 @@ def _gradients(reader, params, teacher, dataset, n: int, device, student_ckpt: s
     from stages.cache.fidelity import cached_gradient_fidelity
     from stages.config import ConfigError
     from stages.detectors.build import build_detector, load_detector
-    from stages.distill.run import loss_context, run_from_index
+    from stages.distill.run import detector_arch, loss_context, run_from_index
     from stages.losses.registry import LOSS_NAMES, build_kd_losses
 
     torch.manual_seed(params.train.seed)
@@ -128,9 +128,7 @@ def _gradients(reader, params, teacher, dataset, n: int, device, student_ckpt: s
     else:
         student = build_detector(params.student.model, teacher.num_classes)
     student = student.to(device).train()
-    t_arch = {"arch": teacher.arch, "fpn_channels": teacher.fpn_channels, "variant": teacher.variant,
-              "anchor_size": getattr(teacher, "anchor_size", 0)}
-    ctx = loss_context(student, t_arch, teacher.num_classes, teacher.box_dim, teacher.has_quality)
+    ctx = loss_context(student, detector_arch(teacher), teacher.num_classes, teacher.box_dim, teacher.has_quality)
     cached = set(reader.manifest.fingerprint["targets"])
     kd, skipped = {}, {}
     for method in LOSS_NAMES:

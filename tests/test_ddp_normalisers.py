@@ -53,7 +53,6 @@ GFL_GTS = [
 ]
 
 
-
 def values_and_grads(prefix: str, parts: dict, inputs: list) -> dict:
     """{prefix/part: the loss value, prefix/part/grad: its gradient w.r.t. each input (zeros where unused)}."""
     res = {}
@@ -62,6 +61,7 @@ def values_and_grads(prefix: str, parts: dict, inputs: list) -> dict:
         res[f"{prefix}/{part}"] = value.detach()
         res[f"{prefix}/{part}/grad"] = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
     return res
+
 
 def gfl_inputs():
     torch.manual_seed(0)

@@ -83,9 +83,15 @@ def loss_context(student: nn.Module, t_arch: dict, num_classes: int, t_box_dim: 
         student_head_convs=getattr(student, "head_convs", 0),
         teacher_head_convs=t_arch.get("head_convs", 0) if t_arch["arch"] != "faster_rcnn" else 0,
         teacher_anchors=anchor_layout(t_arch),
-        student_anchors=anchor_layout({"arch": student.arch, "anchor_size": getattr(student, "anchor_size", 0),
-                                       "variant": student.variant}),
+        student_anchors=anchor_layout(detector_arch(student)),
     )
+
+
+def detector_arch(det: nn.Module) -> dict:
+    """The architecture fields `loss_context` reads, from a built detector (a cache gives its teacher's
+    as the fingerprint's dict; a live teacher, the student and the benchmarks' teachers are modules)."""
+    return {"arch": det.arch, "fpn_channels": det.fpn_channels, "variant": det.variant,
+            "anchor_size": getattr(det, "anchor_size", 0)}
 
 
 def student_assigner(student: nn.Module) -> Callable:
