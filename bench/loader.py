@@ -48,6 +48,7 @@ import multiprocessing
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from bench.common import (
 )
 from bench.fixtures import built_cache, fixture
 from bench.synth_targets import STRIDES, level_sizes, retinanet_record
+from stages.cache.basis import cpca_families
 from stages.cache.targets import record_meta
 from stages.config import CacheParams
 from stages.data.batching import padded_size
@@ -78,7 +80,8 @@ from stages.distill.device_decode import record_to_device
 from stages.distill.loader import tune_malloc
 from stores import Manifest, encode_record, open_reader, open_writer
 from stores.base import target_family
-from stores.manifest import SCHEMA_VERSION
+from stores.cache_basis import BASIS_STATIC, BasisFit
+from stores.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
 from stores.wds_store import decode_sample, shard_samples_of
 
 NAME = "loader"
@@ -89,6 +92,14 @@ DEVICE_SIDE = "device decode (cpu torch)"
 
 
 BEFORE_CODECS = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd"}  # defaults before issue 9
+
+
+def store_bases(root: Path, zarr_writer, manifest: Manifest, bases: dict) -> Manifest:
+    """A cache's cpca bases stored as stage 1 stores them: a static item, its sha256 in the manifest."""
+    zarr_writer.write_static(BASIS_STATIC, bases)
+    manifest = replace(manifest, statics={BASIS_STATIC: sha256_file(root / "static" / f"{BASIS_STATIC}.npz")})
+    manifest.save(root / MANIFEST_NAME)
+    return manifest
 
 
 def synthetic_store(root: Path, records: int, hw: tuple[int, int] = BIG_HW, seed: int = 0,
@@ -110,14 +121,24 @@ def synthetic_store(root: Path, records: int, hw: tuple[int, int] = BIG_HW, seed
     )
     writers = [open_writer(root, manifest, fmt) for fmt in ("zarr", "wds")]
     rng = np.random.default_rng(seed)
+    records = {key: retinanet_record(rng, hw, fpn_channels=fpn_channels, num_classes=num_classes) for key in plan}
+    bases = None
+    if cpca_families(codecs):  # a cpca chain: the cache's one basis, fitted on its records as stage 1 would
+        fit = BasisFit()
+        for arrays in records.values():
+            for name, arr in arrays.items():
+                if target_family(name) in cpca_families(codecs):
+                    fit.add(name, arr)
+        bases = fit.bases(max(cpca_families(codecs).values()))
+        store_bases(root, writers[0], manifest, bases)
     for block in range(manifest.num_blocks()):
         encoded = []
         for image_id, view in manifest.block_records(block):
-            arrays = retinanet_record(rng, hw, fpn_channels=fpn_channels, num_classes=num_classes)
+            arrays = records[(image_id, view)]
             meta = record_meta(image_id, view, hw, padded_size(*hw), STRIDES)
             if meta["level_sizes"] != [list(s) for s in level_sizes(*hw)]:
                 raise RuntimeError("synthetic maps and record meta disagree on the level sizes")
-            encoded.append(encode_record(image_id, view, meta, arrays, codecs, num_classes=num_classes))
+            encoded.append(encode_record(image_id, view, meta, arrays, codecs, num_classes=num_classes, bases=bases))
         for w in writers:
             w.write_block(block, encoded)
     return root

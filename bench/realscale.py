@@ -78,8 +78,8 @@ from stages.distill.teacher_source import cached_records_to_device, live_records
 from stages.losses.registry import LOSS_NAMES, build_kd_losses
 from stores import EncodedRecord, Manifest, decode_record, open_writer
 from stores.base import target_family
-from stores.cache_basis import BASIS_STATIC, CacheBases
-from stores.manifest import MANIFEST_NAME, SCHEMA_VERSION, is_store, remove_store, sha256_file
+from stores.cache_basis import CacheBases
+from stores.manifest import SCHEMA_VERSION, is_store, remove_store
 
 NAME = "realscale"
 VIEW_HW = (800, 1344)  # the issue's view (--view changes it for smoke runs only)
@@ -88,6 +88,7 @@ DEFAULT_ROWS = ("demo", "synth20", "coco", "coco-synth90", "coco-synth20")
 GOALS = {"bytes_per_record_max": 1.5e6, "loader_records_per_s_min": 300.0, "grad_cosine_min": 0.99,
          "loss_rel_err_max": 0.01}
 CODECS = dict(CacheParams().codecs)
+BEFORE_SET = "before-s19"  # the loader's "before" store: the defaults until session 19
 # the default set plus the chains compared with it (codecs engineer's candidates, issue 9 part 3);
 # every set is measured on the same live records and student outputs
 CODEC_SETS = {
@@ -105,6 +106,9 @@ CODEC_SETS = {
     # one PCA basis per cache (stores.cache_basis, fitted here on other images of the row): no basis in
     # the records; K = 64 or 128 of 256 channels, and the full-rank transform (nothing truncated)
     "cpca64s0.25": {**CODECS, "fpn": "cpca64s0.25+pco"},
+    # the defaults until session 19 (an FPN basis in every record with int16 codes under pcodec; box
+    # codes under zstd); its records are also read back by the loader, next to the default's
+    "before-s19": {"fpn": "pca64s0.25+pco", "cls": "topk24f0.01+zstd", "box": "int8c+zstd", "quality": "int8c+zstd"},
     "cpca128s0.25": {**CODECS, "fpn": "cpca128s0.25+pco"},
     "cpca256s0.25": {**CODECS, "fpn": "cpca256s0.25+pco"},
     # the very lossy end: small, and shown failing CSKD / CrossKD (masked boxes, top-2)
@@ -239,19 +243,18 @@ def row_bases(teacher, data: CocoDataset, view: View, sets: dict, device) -> dic
     return out
 
 
-def write_store(root: Path, encoded: list, strides: list[int], bases: dict | None = None) -> Path:
+def write_store(root: Path, encoded: list, strides: list[int], bases: dict | None = None,
+                codecs: dict | None = None) -> Path:
     """The rows' encoded records in a Zarr + WebDataset store (one record per block), as stage 1 writes;
     `bases`: the default set's cpca bases, stored as a cache stores them (static, sha256 in the manifest)."""
     if is_store(root):  # this benchmark's own store from an earlier run (other codecs): start afresh
         remove_store(root)
     plan = [(rec.image_id, rec.view) for rec in encoded]
-    manifest = Manifest(schema_version=SCHEMA_VERSION, fingerprint={"bench": NAME, "codecs": CODECS}, plan=plan,
+    manifest = Manifest(schema_version=SCHEMA_VERSION, fingerprint={"bench": NAME, "codecs": codecs or CODECS}, plan=plan,
                         block_size=1, levels=len(strides), meta={"note": "bench.realscale records"})
     writers = [open_writer(root, manifest, fmt) for fmt in ("zarr", "wds")]
     if bases:
-        writers[0].write_static(BASIS_STATIC, bases)
-        manifest = replace(manifest, statics={BASIS_STATIC: sha256_file(root / "static" / f"{BASIS_STATIC}.npz")})
-        manifest.save(root / MANIFEST_NAME)
+        loader_bench.store_bases(root, writers[0], manifest, bases)
     for block, rec in enumerate(encoded):
         for w in writers:
             w.write_block(block, [rec])
@@ -311,20 +314,30 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
         sets = {k: v for k, v in sets.items() if k == "default" or k in args.sets.split(",")}
     basis_set = render_set(work / f"realscale-{tag}-basis-{hw[0]}x{hw[1]}", hw, args.basis_images, classes, 902)
     bases = row_bases(teacher, basis_set, view, sets, device)
-    all_sets = measure_gradient_fidelity(teacher, student, kd, big, sets, TARGETS, index, sinks={"default": encoded},
-                                         bases=bases)
+    before: list = []
+    sinks = {"default": encoded, **({BEFORE_SET: before} if BEFORE_SET in sets and sets[BEFORE_SET] != CODECS else {})}
+    all_sets = measure_gradient_fidelity(teacher, student, kd, big, sets, TARGETS, index, sinks=sinks, bases=bases)
     fid = all_sets["default"]
     strides = list(student.strides)
     padded = tuple(big[0]["images"].shape[-2:])
-    sized = [EncodedRecord(i + 1, view.key, record_meta(i + 1, view.key, hw, padded, strides), r.blobs)
-             for i, r in enumerate(encoded)]
-    store = write_store(work / f"realscale-store-{name}", sized, strides, bases.get("default"))
+
+    def sized(records):
+        return [EncodedRecord(i + 1, view.key, record_meta(i + 1, view.key, hw, padded, strides), r.blobs)
+                for i, r in enumerate(records)]
+    store = write_store(work / f"realscale-store-{name}", sized(encoded), strides, bases.get("default"))
     # what a stage-2 run of each method reads per record (its losses' needs), each read as that run reads it
     method_sets = {m: sorted(targets_for(kd[m].needs())) for m in LOSS_NAMES}
     labels = {"+".join(t): t for t in method_sets.values()}
     # a worker-like process; more rounds than the fidelity part: a round reads only the row's few records
     loader = loader_bench.measure_store_apart(store, replace(settings, rounds=args.loader_rounds), target_sets=labels)
     rps = loader["records_per_s"]
+    loader_before = None
+    if before:  # the same records under the defaults until session 19, read back the same way just after
+        old_store = write_store(work / f"realscale-store-{name}-before", sized(before), strides, bases.get(BEFORE_SET),
+                                sets[BEFORE_SET])
+        got = loader_bench.measure_store_apart(old_store, replace(settings, rounds=args.loader_rounds), target_sets={})
+        loader_before = {"codecs": sets[BEFORE_SET], "bytes_per_record": all_sets[BEFORE_SET]["bytes_per_record"],
+                         **{r: got["records_per_s"].get(r) for r in ("zarr", "wds")}}
     by_method = {m: {"targets": t, "zarr": rps.get(f"zarr {'+'.join(t)}"), "wds": rps.get(f"wds {'+'.join(t)}")}
                  for m, t in method_sets.items()}
     row = {
@@ -337,6 +350,8 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
         "bytes_by_target": fid["bytes_by_target"],
         "loader_records_per_s_per_worker": {"zarr": rps.get("zarr"), "wds": rps.get("wds")},
         "loader_records_per_s_per_worker_by_method": by_method,
+        # every target read back, with the defaults until session 19 (measured just after the default's)
+        "loader_records_per_s_per_worker_before": loader_before,
         "loader": {k: v for k, v in loader.items() if k != "timing"},
         "grad_cosine": fid["grad_cosine"],
         "loss_rel_err": fid["loss_rel_err"],
@@ -371,7 +386,7 @@ def goals_met(row: dict) -> dict[str, Any]:
 
 def summary_md(result: dict) -> str:
     r = result["results"]
-    head = ["teacher", "trained", "MB/record", "zarr rec/s", "wds rec/s", "step off/on",
+    head = ["teacher", "trained", "MB/record", "zarr rec/s", "wds rec/s", "before: MB, zarr / wds rec/s", "step off/on",
             *[f"cos {m}" for m in LOSS_NAMES], *[f"err {m}" for m in LOSS_NAMES]]
     rows = []
     for name, row in r["teachers"].items():
@@ -381,7 +396,8 @@ def summary_md(result: dict) -> str:
             continue
         rps = row["loader_records_per_s_per_worker"]
         rows.append([f"{name} ({t['backbone']}, FPN {t['fpn_channels']}, {t['num_classes']} cl)", t["trained"],
-                     row["bytes_per_record"] / 1e6, rps["zarr"], rps["wds"], row.get("step_time_offline_over_online"),
+                     row["bytes_per_record"] / 1e6, rps["zarr"], rps["wds"], _before(row.get("loader_records_per_s_per_worker_before")),
+                     row.get("step_time_offline_over_online"),
                      *[row["grad_cosine"].get(m) for m in LOSS_NAMES], *[row["loss_rel_err"].get(m) for m in LOSS_NAMES]])
     codecs = ", ".join(f"{k} `{v}`" for k, v in r["codecs"].items())
     method_rows = [[name, *[_zarr_wds(row.get("loader_records_per_s_per_worker_by_method", {}).get(m))
@@ -391,8 +407,13 @@ def summary_md(result: dict) -> str:
                  + md_table(["teacher", *LOSS_NAMES], method_rows)) if method_rows else ""
     return (md_table(head, rows) + by_method + f"\n\nView {r['view'][0]}x{r['view'][1]}; default codecs: {codecs}. cos = min over "
             "images of the cosine between the KD loss's gradient w.r.t. the student's outputs with cached vs live "
-            "targets; err = max relative KD-loss error. Goals: <= 1.5 MB/record, >= 300 rec/s per worker, "
+            "targets; err = max relative KD-loss error. before: the same records with the defaults until session 19 "
+            f"(`{BEFORE_SET}` in realscale.json's codec_sets), read back just after the default's. Goals: <= 1.5 MB/record, >= 300 rec/s per worker, "
             "cos >= 0.99, err <= 1 %. Per-target cosine / max error and bytes per target: realscale.json.")
+
+
+def _before(b: dict | None) -> str | None:
+    return None if not b or b.get("zarr") is None else f"{b['bytes_per_record'] / 1e6:.3f}, {b['zarr']:.0f} / {b['wds']:.0f}"
 
 
 def _zarr_wds(rates: dict | None) -> str | None:

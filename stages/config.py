@@ -136,12 +136,15 @@ class CacheParams:
     )
     # codec chain per target family (stores.codecs), e.g. "int8c+zstd", "pca32+zstd", "topk9f0.002+zstd",
     # "mask0.05+zstd". Defaults from bench/codec_sets + bench/realscale (issue 9; figures in
-    # bench/results/realscale.json): fpn pca64s0.25+pco (one quantiser step per level, pcodec: CSKD / SSIM
-    # loss error < 1 % where pca32+zstd gave ~3 %, at fewer bytes); cls topk24f0.01+zstd (every class
+    # bench/results/realscale.json): fpn cpca64s0.25+lz4 (the cache's one PCA basis, fitted by stage 1 on
+    # `basis_images` images, one quantiser step per level: CSKD / SSIM loss error < 1 %; its int16 codes
+    # stored as int8 + escapes under LZ4, ~1.6x the loader records/s of pca64s0.25+pco, the default
+    # until session 19, at about the same bytes: the basis no longer rides in every record); cls topk24f0.01+zstd (every class
     # >= 0.01, up to 24 per anchor: top-9 dropped real mass on ambiguous anchors of the synth20 teacher,
-    # CrossKD loss error 1.7 %); box int8c+zstd (delta-filtered codes; masks cost CSKD its box gradient)
+    # CrossKD loss error 1.7 %); box int8c+lz4 (delta-filtered codes; masks cost CSKD its box gradient;
+    # LZ4 instead of zstd since session 19: ~13 % more box bytes, a third of the decode time)
     codecs: dict[str, str] = field(
-        default_factory=lambda: {"fpn": "pca64s0.25+pco", "cls": "topk24f0.01+zstd", "box": "int8c+zstd",
+        default_factory=lambda: {"fpn": "cpca64s0.25+lz4", "cls": "topk24f0.01+zstd", "box": "int8c+lz4",
                                  "quality": "int8c+zstd"}
     )
     batch_size: int = 4

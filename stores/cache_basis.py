@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from stores.blob_schema import BlobDecodeError
+from stores.narrow_codes import code_rows
 from stores.transforms import _cells_matrix, pcas_kept, pcas_step
 
 BASIS_STATIC = "codec_basis"  # static/<name>.npz of a cache whose codecs use a cpca chain
@@ -131,7 +132,7 @@ class CacheBases:
         """A `stores.codecs.CompactArray` with its basis attached (others are returned as they are)."""
         if not c.chain.startswith("cpca") or "basis" in c.parts:
             return c
-        return dataclasses.replace(c, parts={**c.parts, "basis": self.basis_for(c.parts["bid"], c.parts["q"].shape[0])})
+        return dataclasses.replace(c, parts={**c.parts, "basis": self.basis_for(c.parts["bid"], code_rows(c.parts))})
 
 
 def attach_basis(c, bases: CacheBases | None):

@@ -16,9 +16,9 @@ import numpy as np
 TRANSFORMS = ("raw", "fp16", "bitround", "int8c", "sparse", "u8p", "topk", "mask", "pca", "pcas", "cpca", "zfp", "sz")
 HOST_TRANSFORMS = ("zfp", "sz")  # computed by `pack` on the host (no torch encoder / decoder)
 INDEXED = ("sparse", "topk", "mask")  # transforms whose "idx" part is delta-filtered
-# pco: pcodec (numcodecs.PCodec), 16-bit+ parts; bzstd / blz4: blosc bit-shuffle + zstd / LZ4HC, more bytes
-# but faster to decode (stores.lossless has the measured trade)
-LOSSLESS = ("zstd", "blosc", "pco", "bzstd", "blz4", "none")
+# pco: pcodec (numcodecs.PCodec), 16-bit+ parts; bzstd / blz4: blosc bit-shuffle + zstd / LZ4HC, lz4:
+# blosc byte-shuffle + LZ4HC, more bytes but faster to decode (stores.lossless has the measured trade)
+LOSSLESS = ("zstd", "blosc", "pco", "bzstd", "blz4", "lz4", "none")
 
 CODEC_CHAINS_FOR_BENCH = [
     "raw+none",
@@ -40,7 +40,7 @@ _VALID_FORMS = (
     "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
     "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), maskT (0 <= T <= 1), "
     "pcaK (K >= 1), pcaKsS (K >= 1, S > 0), cpcaKsS (K >= 1, S > 0: the cache's own basis), zfpT (0 < T < 1), szT (0 < T < 1) and lossless one of zstd, blosc, "
-    "pco, bzstd, blz4, none; e.g. 'fp16+zstd', 'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca64s0.3+pco'"
+    "pco, bzstd, blz4, lz4, none; e.g. 'fp16+zstd', 'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca64s0.3+pco'"
 )
 
 @dataclass(frozen=True)

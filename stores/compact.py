@@ -25,6 +25,7 @@ from stores.lossless import (
     undelta_in_place,
     widen_deltas,
 )
+from stores.narrow_codes import CODES8_SUFFIX, codes8_part, widen_codes
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ def undelta(parts: dict) -> dict:
     - ``<name>.delta`` uint32 [M]: index differences, uint32 cumsum;
     - ``<name>.delta`` int8 (any shape): an int8c map's codes, cumsum in C order wrapping mod 256;
     - ``<name>.delta8`` uint8 [M] + ``<name>.escapes`` uint32 [E]: index differences, each 255 replaced
-      in order by the next escape (`stores.lossless.widen_deltas`), then the uint32 cumsum."""
-    if not any(k.endswith((DELTA_SUFFIX, NARROW_SUFFIX)) for k in parts):
+      in order by the next escape (`stores.lossless.widen_deltas`), then the uint32 cumsum;
+    - ``<name>.int8e`` int8 + ``<name>.escapes`` int16 [E]: int16 codes, each -128 replaced in order by
+      the next escape (`stores.narrow_codes.widen_codes`)."""
+    if not any(k.endswith((DELTA_SUFFIX, NARROW_SUFFIX, CODES8_SUFFIX)) for k in parts):
         return parts
     out = {}
     for k, v in parts.items():
@@ -82,6 +85,9 @@ def undelta(parts: dict) -> dict:
             d = widen_deltas(np.asarray(v), np.asarray(parts[base + ESCAPES_SUFFIX]))
             undelta_in_place(d)
             out[base] = d
+        elif k.endswith(CODES8_SUFFIX):
+            base = k[: -len(CODES8_SUFFIX)]
+            out[base] = widen_codes(np.asarray(v), np.asarray(parts[base + ESCAPES_SUFFIX]))
         elif not k.endswith(ESCAPES_SUFFIX):
             out[k] = v
     return out
@@ -104,7 +110,9 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
       first (`deltas_in_range` / `narrow_deltas_in_range`: every index < n, escape marks = escapes),
       so no malformed blob reaches a device index op; a part that fails the check falls back to the
       host cumsum and the reference's checks (which raise);
-    - an int8c map's int8 codes as ``q.delta`` (same shape; any int8 is a valid code, so no check).
+    - an int8c map's int8 codes as ``q.delta`` (same shape; any int8 is a valid code, so no check);
+    - an "int8e" part (pcaKsS / cpcaKsS codes, `stores.narrow_codes`) as ``q.int8e`` (int8) +
+      ``q.escapes`` (int16), its escape marks counted against the escapes first.
     """
     h = _header(blob)
     try:
@@ -114,8 +122,17 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
         parts = {}
         deferred = []
         narrow = None  # (name, uint8 differences, escapes) of a delta8 part handed on as it is
+        codes8 = []  # (name, int8 codes, int16 escapes) of int8e parts handed on as they are
         for name, p in h["parts"].items():
             filt = p.get("filter", "none")
+            if filt == "int8e":
+                q8, esc = codes8_part(name, p)  # escape marks counted against the escapes here
+                if defer_delta:
+                    codes8.append((name, q8, esc))
+                    parts[name] = np.broadcast_to(np.zeros((), np.int16), q8.shape)  # stands in for the check
+                else:
+                    parts[name] = widen_codes(q8, esc)
+                continue
             if filt == "delta8":
                 d8, esc = narrow_part(name, p)
                 if defer_delta and narrow is None:
@@ -154,6 +171,9 @@ def unpack(blob: bytes | dict, defer_delta: bool = False) -> CompactArray:
             else:  # the reference's path: raises on a wrong escape count, then on the range below
                 parts[name] = widen_deltas(d8, esc)
                 undelta_in_place(parts[name])
+        for name, q8, esc in codes8:  # any int8 code is valid and the counts agree: the device widens
+            del parts[name]
+            parts[name + CODES8_SUFFIX], parts[name + ESCAPES_SUFFIX] = q8, esc
         if indexed and "idx" in parts and int(parts["idx"].max()) >= n:
             raise BlobDecodeError(f"{chain.transform} index {int(parts['idx'].max())} out of range for shape {shape}")
     except BlobDecodeError:

@@ -7,8 +7,9 @@ trained teacher at 800x1344 for ~45 ms more encoding per record on a stage-1 enc
 no slower to decode), ``blosc`` = numcodecs.Blosc(cname="zstd",
 clevel=3, shuffle=SHUFFLE), ``pco`` = numcodecs.PCodec(level=8) (pcodec: near-entropy coding of
 16/32/64-bit numbers, e.g. pcaKsS's int16 codes; 8-bit parts of a '+pco' chain fall back to zstd),
-``none``; ``bzstd`` / ``blz4`` = numcodecs.Blosc(zstd 5 / lz4hc 9, BITSHUFFLE), faster to decode
-for more bytes (see `_BLOSC_FAST`; their parts are stored as ``blosc``). A part that the stage does
+``none``; ``bzstd`` / ``blz4`` = numcodecs.Blosc(zstd 5 / lz4hc 9, BITSHUFFLE) and ``lz4`` =
+numcodecs.Blosc(lz4hc 9, SHUFFLE), faster to decode for more bytes (see `_BLOSC_FAST`; their parts
+are stored as ``blosc``, with a ``crc32c`` of the decoded bytes: a blosc frame has no checksum). A part that the stage does
 not make smaller (e.g. the tiny ``scale`` vector) is stored as is; the header says which per part, with a ``crc32`` (zlib) of
 such a part's bytes, checked on decode (blobs without the key, older ones, still decode); ``pco``
 parts carry a ``crc32c`` (google-crc32c) of their decoded bytes (a pcodec stream has no checksum).
@@ -18,7 +19,8 @@ decodes each part with `decode_part` (straight into a buffer of the frame's size
 or with a per-thread zstd context, `_zstd_small`; `_decompress` for the rest) and undoes the delta
 filter with `undelta_in_place` / checks deferred index differences with `deltas_in_range`;
 "delta8" index parts (uint8 differences + escapes, `stores.blob_schema`) are written by
-`narrow_entry`, read by `narrow_part`, checked by `narrow_deltas_in_range`, widened by `widen_deltas`.
+`narrow_entry`, read by `narrow_part`, checked by `narrow_deltas_in_range`, widened by `widen_deltas`;
+"int8e" code parts (int16 codes as int8 + escapes) are `stores.narrow_codes`'.
 """
 
 from __future__ import annotations
@@ -47,9 +49,14 @@ _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE
 # Their parts are ordinary blosc frames (part codec "blosc", decoded by `decode_part` like any blosc
 # part); a chain can name them once `stores.chains.LOSSLESS` lists them (readers older than that
 # refuse the chain name with a clear error).
+# "lz4" (session 19): LZ4HC with the byte shuffle, for int8 codes (pcaKsS's codes narrowed to int8 by
+# the "int8e" filter, `stores.narrow_codes`): a bit shuffle gains nothing on them and halves LZ4's
+# decode speed. COCO-shaped synth20 teacher at 800x1344, one record's five FPN code parts: int16 +pco
+# 443 kB in 2.5 ms, int8e +zstd 466 kB in 1.7 ms, int8e +lz4 582 kB in 0.5 ms (/work/notes/s19).
 _BLOSC_FAST = {
     "bzstd": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),
     "blz4": numcodecs.Blosc(cname="lz4hc", clevel=9, shuffle=numcodecs.Blosc.BITSHUFFLE),
+    "lz4": numcodecs.Blosc(cname="lz4hc", clevel=9, shuffle=numcodecs.Blosc.SHUFFLE),
 }
 
 
@@ -306,7 +313,7 @@ def part_entry(p: np.ndarray, filt: str, codec: str, data: bytes) -> dict[str, A
     entry = {"dtype": p.dtype.str, "shape": list(p.shape), "filter": filt, "codec": codec, "bytes": data}
     if codec == "none":  # stored as is (e.g. a tiny scale vector): no zstd frame checksum guards it
         entry["crc32"] = zlib.crc32(data)
-    elif codec == "pco":  # pcodec streams carry no checksum: the decoded bytes are checked instead
+    elif codec in ("pco", "blosc"):  # pcodec / blosc frames carry no checksum: the decoded bytes are checked
         entry["crc32c"] = google_crc32c.value(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
     return entry
 

@@ -175,15 +175,14 @@ def test_tower_moments_over_valid_cells(live):
         h, w = out.image_sizes[b]
         for branch, tower in (("cls", out.cls_tower), ("reg", out.reg_tower)):
             assert len(tower.pre) == 2
+            packed = rec[f"tower.{branch}"]
+            assert packed.shape == (2, len(out.strides), 3, 16) and packed.dtype == torch.float32  # float64 sums
             for i, levels in enumerate(tower.pre):
-                count = total = sq = 0
-                for m, s in zip(levels, out.strides):  # masked sums over the padded maps: another route
+                for lv, (m, s) in enumerate(zip(levels, out.strides)):  # masked sums over the padded maps
                     mask = torch.zeros(m.shape[-2:], dtype=torch.float64)
                     mask[: math.ceil(h / s), : math.ceil(w / s)] = 1
                     x = m[b].double()
-                    count, total, sq = count + mask.sum(), total + (x * mask).sum((1, 2)), sq + (x * x * mask).sum((1, 2))
-                stats = rec[f"tower.{branch}.{i}"]
-                assert stats.shape == (3, 16) and stats.dtype == torch.float32  # summed in float64, stored float32
-                assert bool((stats[0].double() == count).all())
-                torch.testing.assert_close(stats[1].double(), total, rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(stats[2].double(), sq, rtol=1e-6, atol=1e-6)
+                    stats = packed[i, lv]
+                    assert bool((stats[0].double() == mask.sum()).all())
+                    torch.testing.assert_close(stats[1].double(), (x * mask).sum((1, 2)), rtol=1e-6, atol=1e-6)
+                    torch.testing.assert_close(stats[2].double(), (x * x * mask).sum((1, 2)), rtol=1e-6, atol=1e-6)

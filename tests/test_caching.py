@@ -127,13 +127,13 @@ def test_records_extent_candidates_detections_tower(tiny_cache):
         assert det.ndim == 2 and det.shape[1] == 4 and len(det) == len(a["det.scores"]) == len(a["det.labels"]) > 0
         assert det.min() >= 0 and np.all(det[:, 2] <= w + 1e-3) and np.all(det[:, 3] <= h + 1e-3)
         assert a["det.labels"].dtype == np.int64 and a["det.labels"].max() < meta["num_classes"]
-        cells = sum(hl * wl for hl, wl in sizes)
         for branch in ("cls", "reg"):
-            for i in range(2):
-                t = a[f"tower.{branch}.{i}"]
-                assert t.shape == (3, 16) and t.dtype == np.float32 and np.all(t[0] == cells)
-                t = t.astype(np.float64)
-                assert np.all(t[2] >= t[1] ** 2 / cells * (1 - 1e-5) - 1e-6), "sum of squares >= (sum)^2 / n"
+            t = a[f"tower.{branch}"]  # [layers, levels, (count, sum, sumsq), C]
+            assert t.shape == (2, len(sizes), 3, 16) and t.dtype == np.float32
+            for lv, (hl, wl) in enumerate(sizes):
+                assert np.all(t[:, lv, 0] == hl * wl)
+            t = t.astype(np.float64)
+            assert np.all(t[:, :, 2] >= t[:, :, 1] ** 2 / t[:, :, 0] * (1 - 1e-5) - 1e-6), "sum of squares >= (sum)^2 / n"
     assert len(padded_seen) > 1, "the fixture views give several padded sizes"
 
 

@@ -39,7 +39,7 @@ def test_parse_values():
 
 
 @pytest.mark.parametrize(
-    "bad", ["fp16", "fp16+", "+zstd", "fp32+zstd", "fp16+lz4", "fp16+zstd+none", "bitround0+zstd",
+    "bad", ["fp16", "fp16+", "+zstd", "fp32+zstd", "fp16+lz5", "fp16+zstd+none", "bitround0+zstd",
             "bitround24+zstd", "bitround+zstd", "sparse0+zstd", "sparse1.5+zstd", "sparse+zstd", "int8+zstd", ""]
 )
 def test_parse_errors_name_spec_and_valid_forms(bad):

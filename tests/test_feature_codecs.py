@@ -38,7 +38,7 @@ def test_pcas_chain_names_round_trip_and_old_names_still_parse():
     assert parse_chain(c.spec) == c and c.spec == "pca64s0.25+pco"
     assert parse_chain("pca32+zstd").param == 32  # manifests name their chains: old names stay valid
     assert parse_chain("sz0.01+none").param == 0.01
-    for bad in ("pca0s0.1+zstd", "pca8s0+zstd", "sz0+none", "sz1.5+none", "raw+lz4"):
+    for bad in ("pca0s0.1+zstd", "pca8s0+zstd", "sz0+none", "sz1.5+none", "raw+lz5"):
         with pytest.raises(ValueError, match="bad codec chain"):
             parse_chain(bad)
 
@@ -159,6 +159,6 @@ def test_a_chain_whose_library_is_missing_is_refused_with_the_pip_line(monkeypat
     from stages.config import Params
 
     params = Params()
-    assert codec_spec(params)["fpn"] == "pca64s0.25+pco"  # the default FPN chain
+    assert codec_spec(params)["fpn"] == "cpca64s0.25+lz4"  # the default FPN chain
     with pytest.raises(ValueError, match=r"^cache.codecs.fpn: sz chains need the pysz package"):
         codec_spec(replace(params, cache=replace(params.cache, codecs={"fpn": "sz0.01+none"})))

@@ -150,6 +150,23 @@ def test_tower_statistics_per_level_from_cached_moments():
             cells = m.detach().permute(1, 0, 2, 3)[:, v[:, 0] > 0].double()
             torch.testing.assert_close(mean[branch][lv].double(), cells.mean(1), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(std[branch][lv].double(), cells.std(1), rtol=1e-5, atol=1e-6)
-    pooled = [{k: v for k, v in r.items() if k.count(".") == 2} for r in records]  # a legacy cache
+    # the layout of caches before session 19 (a [3, C] blob per layer and level, plus the pooled one per
+    # layer), written out here from the packed arrays: the same statistics, alone or mixed in one batch
+    def legacy(r, per_level=True):
+        out = {}
+        for branch in ("cls", "reg"):
+            for i, layer in enumerate(r[f"tower.{branch}"]):
+                out[f"tower.{branch}.{i}"] = layer.double().sum(0).float()
+                if per_level:
+                    out.update({f"tower.{branch}.{i}.{lv}": m for lv, m in enumerate(layer)})
+        return out
+    assert all(set(r) == {"tower.cls", "tower.reg"} and r["tower.cls"].shape == (3, len(STRIDES), 3, 8) for r in records)
+    for batch in ([legacy(r) for r in records], [legacy(records[0]), records[1]]):
+        for a, b in zip(tower_statistics(batch, 1), (mean, std)):
+            for branch in ("cls", "reg"):
+                torch.testing.assert_close(a[branch], b[branch], rtol=1e-6, atol=1e-7)
+    pooled = [legacy(r, per_level=False) for r in records]  # a cache from before per-level moments
     mean, std = tower_statistics(pooled, 1)
     assert mean["cls"].shape == (8,)
+    mixed, _ = tower_statistics([pooled[0], records[1]], 1)  # with a packed record: pooled statistics
+    torch.testing.assert_close(mixed["cls"], mean["cls"])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from stores.codecs import (
+    CODES8_SUFFIX,
     DELTA_SUFFIX,
     ESCAPE,
     ESCAPES_SUFFIX,
@@ -31,6 +32,7 @@ from stores.codecs import (
     parse_chain,
 )
 from stores.lossless import undelta_in_place, widen_deltas
+from stores.narrow_codes import MARK, widen_codes
 from stores.transforms import logit_tables
 
 _TABLES: dict[tuple[float, str], Tensor] = {}
@@ -115,10 +117,28 @@ def narrow_indices(d8: Tensor, esc: Tensor, gather: bool | None = None) -> Tenso
     return torch.from_numpy(np.cumsum(d, out=d))
 
 
+def wide_codes(q8: Tensor, esc: Tensor, gather: bool | None = None) -> Tensor:
+    """"int8e" codes (int8, -128 = the next of the int16 escapes [E], C order) -> the int16 codes.
+    `stores.codecs.unpack` checked that the marks number E. On an accelerator the k-th mark's escape
+    is gathered at (running count of marks - 1), as `narrow_indices` does: no host sync. On the CPU
+    the numpy reference (`stores.narrow_codes.widen_codes`) on the tensors' memory."""
+    if gather is None:
+        gather = q8.device.type != "cpu"
+    if not gather:
+        return torch.from_numpy(widen_codes(q8.numpy(), esc.numpy()))
+    q = q8.to(torch.int16)
+    if esc.numel():
+        mark = (q8 == MARK).reshape(-1)
+        picked = esc[(mark.cumsum(0) - 1).clamp_min(0)]
+        q = torch.where(mark, picked, q.reshape(-1)).reshape(q8.shape)
+    return q
+
+
 def undelta_on_device(p: dict[str, Tensor]) -> None:
     """The cumsums that `unpack(..., defer_delta=True)` left to the device, in place on the parts dict
     (`stores.codecs.undelta` is the numpy reference): ``<name>.delta`` int8 -> int8 codes wrapping mod
-    256; ``<name>.delta`` uint32 -> int64 indices; ``<name>.delta8`` + ``<name>.escapes`` -> int64 indices."""
+    256; ``<name>.delta`` uint32 -> int64 indices; ``<name>.delta8`` + ``<name>.escapes`` -> int64 indices;
+    ``<name>.int8e`` + ``<name>.escapes`` -> int16 codes."""
     for k in [k for k in p if k.endswith(DELTA_SUFFIX)]:  # differences handed on by the worker
         d = p.pop(k)
         # indices: checked by unpack (no wrap, in range); codes: any int8 is valid
@@ -126,6 +146,9 @@ def undelta_on_device(p: dict[str, Tensor]) -> None:
     for k in [k for k in p if k.endswith(NARROW_SUFFIX)]:
         base = k[: -len(NARROW_SUFFIX)]
         p[base] = narrow_indices(p.pop(k), p.pop(base + ESCAPES_SUFFIX))
+    for k in [k for k in p if k.endswith(CODES8_SUFFIX)]:
+        base = k[: -len(CODES8_SUFFIX)]
+        p[base] = wide_codes(p.pop(k), p.pop(base + ESCAPES_SUFFIX))
 
 
 def decode_on_device(c: CompactArray, device: torch.device) -> Tensor:
@@ -184,7 +207,10 @@ def _cpca_on_device(c: CompactArray, device: torch.device) -> Tensor:
     the device once per (basis id, K') instead of once per record."""
     if "basis" not in c.parts:
         decode_compact(c)  # raises the reference's error: the blob was read without its cache's basis
-    q = c.parts["q"]
+    if "q" + CODES8_SUFFIX in c.parts:  # int8 codes handed on: widened on the device
+        q = wide_codes(to_device(c.parts["q" + CODES8_SUFFIX], device), to_device(c.parts["q" + ESCAPES_SUFFIX], device))
+    else:
+        q = to_device(c.parts["q"], device)
     key = (np.asarray(c.parts["bid"]).tobytes(), int(q.shape[0]), str(device))
     basis = _BASES.get(key)
     if basis is None:
@@ -193,7 +219,7 @@ def _cpca_on_device(c: CompactArray, device: torch.device) -> Tensor:
         basis = _BASES[key] = to_device(c.parts["basis"], device).float()
     shape = tuple(c.shape)
     cells = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    codes = to_device(q, device).reshape(q.shape[0], cells).float() * to_device(c.parts["step"], device)[0]
+    codes = q.reshape(q.shape[0], cells).float() * to_device(c.parts["step"], device)[0]
     return (basis @ codes + to_device(c.parts["mean"], device)[:, None]).reshape(shape)
 
 

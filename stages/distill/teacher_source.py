@@ -37,21 +37,37 @@ def _levels(records: list[dict[str, Tensor]], family: str, padded_hw, strides) -
     return [_place([r[f"{family}.{lv}"] for r in records], padded_hw, s) for lv, s in enumerate(strides)]
 
 
+def _tower_moments(r: dict[str, Tensor], branch: str, index: int) -> tuple[Tensor | None, Tensor | None]:
+    """One record's (per-level [L, 3, C] or None, pooled [3, C] or None) float64 moments of tower
+    layer `index`, from either record layout (`stages.cache.targets`): tower.{branch} [I, L, 3, C]
+    (session 19 on) or tower.{branch}.{i}.{l} and the pooled tower.{branch}.{i} (before)."""
+    packed = r.get(f"tower.{branch}")
+    if packed is not None:
+        if index >= packed.shape[0]:
+            return None, None
+        per_level = packed[index].double()
+        return per_level, per_level.sum(0)  # pooled = the levels' sums (counts, sums, sums of squares add)
+    key = f"tower.{branch}.{index}"
+    levels = sorted(int(k.rsplit(".", 1)[1]) for k in r if k.startswith(key + "."))
+    per_level = torch.stack([r[f"{key}.{lv}"].double() for lv in levels]) if levels else None
+    pooled = r[key].double() if key in r else None
+    return per_level, pooled
+
+
 def tower_statistics(records: list[dict[str, Tensor]], index: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per-level, per-channel mean and unbiased std ([L, C]) of the teacher's pre-activation tower map at
     `index` over the batch's valid cells (CrossKD's `align_scale`). A cache with only the pooled
-    moments gives [C] (population std), which the loss broadcasts to every level."""
+    moments gives [C] (population std), which the loss broadcasts to every level. Records of both
+    layouts may share a batch (a cache resumed across the change)."""
     mean, std = {}, {}
     for branch in ("cls", "reg"):
-        key = f"tower.{branch}.{index}"
-        levels = sorted(int(k.rsplit(".", 1)[1]) for k in records[0] if k.startswith(key + "."))
-        if levels:
-            moments = torch.stack([torch.stack([r[f"{key}.{lv}"].double() for r in records]).sum(0) for lv in levels])
-            count, total, sq = moments.unbind(1)  # each [L, C]
+        moments = [_tower_moments(r, branch, index) for r in records]
+        if all(lv is not None for lv, _ in moments):
+            count, total, sq = torch.stack([lv for lv, _ in moments]).sum(0).unbind(1)  # each [L, C]
             m = total / count
             var = (sq - total * m) / (count - 1).clamp_min(1)
-        elif key in records[0]:
-            count, total, sq = torch.stack([r[key].double() for r in records]).sum(0)
+        elif all(pooled is not None for _, pooled in moments):
+            count, total, sq = torch.stack([pooled for _, pooled in moments]).sum(0)
             m = total / count
             var = sq / count - m * m
         else:
