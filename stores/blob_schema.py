@@ -7,7 +7,7 @@ Blob framing (no pickle): a msgpack map (``use_bin_type``)::
     {"format": "kdcache-blob", "version": 1, "chain": "<canonical spec>", "shape": [...],
      "dtype": "<original numpy dtype name>",
      "parts": {name: {"dtype": "<numpy dtype str, little-endian>", "shape": [...],
-                      "filter": "none" | "delta" | "delta8", "codec": "zstd" | "blosc" | "pco" | "none",
+                      "filter": "none" | "delta" | "delta8" | "int8e", "codec": "zstd" | "blosc" | "pco" | "none",
                       "bytes": <bin>, ["escapes": {<an entry of the same form>}]}}}
 
 ``filter`` "delta" (used for sparse ``idx`` when a lossless stage follows) stores
@@ -28,6 +28,9 @@ chain's parts are the same whichever filter stored them. Class maps keep ~30 % o
 almost every gap is < 255 (COCO-shaped P3: 1,167 escapes in 3.6 M differences), so the worker
 decompresses a quarter of the bytes. Readers older than the filter refuse such blobs by name
 ("unknown filter"), never misread them; blobs with "delta" / no filter read as before.
+
+``filter`` "int8e" (pcaKsS / cpcaKsS ``q`` parts, session 19) stores int16 codes as int8 with the
+few that do not fit escaped: `stores.narrow_codes` has the layout and its reasons.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE
 # "lz4" (session 19): LZ4HC with the byte shuffle, for int8 codes (pcaKsS's codes narrowed to int8 by
 # the "int8e" filter, `stores.narrow_codes`): a bit shuffle gains nothing on them and halves LZ4's
 # decode speed. COCO-shaped synth20 teacher at 800x1344, one record's five FPN code parts: int16 +pco
-# 443 kB in 2.5 ms, int8e +zstd 466 kB in 1.7 ms, int8e +lz4 582 kB in 0.5 ms (/work/notes/s19).
+# 443 kB in 2.5 ms, int8e +zstd 466 kB in 1.7 ms, int8e +lz4 582 kB in 0.5 ms (one core of this
+# project's 2-core CPU; whole records side by side: bench.realscale's "before" loader column).
 _BLOSC_FAST = {
     "bzstd": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),
     "blz4": numcodecs.Blosc(cname="lz4hc", clevel=9, shuffle=numcodecs.Blosc.BITSHUFFLE),
