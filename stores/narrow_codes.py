@@ -10,7 +10,8 @@ A part with filter "int8e" holds int8 [same shape as the codes]: each code in [-
 ``MARK`` (-128) for any other, whose true value follows, in C order, in the entry's own ``"escapes"``
 entry (int16 [E], filter "none"). Decoded: each mark replaced by the next escape (their counts must
 be equal). `stores.codecs.pack` writes it where it is not larger than the plain int16 part, so a
-'+pco' chain, whose int16 codes pcodec packs tighter, keeps them. The parts `_check_parts` sees are
+'+pco' chain, whose int16 codes pcodec packs tighter, keeps them; under the other stages, codes
+with at most 1 % escapes are stored narrow without trying the int16 part (`few_escapes`). The parts `_check_parts` sees are
 the widened int16 ones: a chain's parts are the same whichever filter stored them. Readers older
 than the filter refuse such blobs by name ("unknown filter"), never misread them.
 
@@ -43,6 +44,11 @@ def codes8_entry(q: np.ndarray, lossless: str) -> dict[str, Any]:
     entry = part_entry(q8, "int8e", *_compress(q8, lossless))
     entry["escapes"] = part_entry(esc, "none", *_compress(esc, lossless))
     return entry
+
+
+def few_escapes(entry: dict[str, Any], codes: int) -> bool:
+    """An "int8e" entry whose escapes are at most 1 % of its `codes` (a trained teacher's: ~0.03 %)."""
+    return int(np.prod(entry["escapes"]["shape"])) * 100 <= codes
 
 
 def mark_count(q8: np.ndarray) -> int:

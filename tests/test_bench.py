@@ -212,6 +212,15 @@ def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, 
     assert cpca["codecs"]["fpn"] == "cpca64s0.25+pco" and 0 < cpca["bytes_by_target"]["fpn"]
     assert all(-1.0 <= v <= 1.0 + 1e-9 for v in cpca["grad_cosine"].values())
     assert row["teacher"]["num_classes"] == 6 and "random" in row["teacher"]["trained"]
+    before = row["loader_records_per_s_per_worker_before"]  # the pre-session-19 codecs, read back too
+    assert before["codecs"]["fpn"] == "pca64s0.25+pco" and before["zarr"] > 0 and before["wds"] > 0
+    assert before["bytes_per_record"] == row["codec_sets"]["before-s19"]["bytes_per_record"] > 0
+    from bench import encode_cost  # stage 1's encode time per record of the row's store, both code sets
+
+    cost = encode_cost.main([str(tmp_path / "w/realscale-store-tiny"), "--rounds", "1", "--out", str(tmp_path / "res")])
+    enc = cost["results"]
+    assert enc["records"] == 1 and set(enc["encode_s_per_record"]) == {"default", "before-s19"}
+    assert all(v > 0 for v in enc["encode_s_per_record"].values()) and all(v > 0 for v in enc["bytes_per_record"].values())
     assert "missing" in saved["teachers"]["demo"]["teacher"]["skipped"]
     assert out["teachers"]["demo"]["goals_met"] == {}
     text = (tmp_path / "res/SUMMARY.md").read_text()
