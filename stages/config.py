@@ -138,11 +138,12 @@ class CacheParams:
     # "mask0.05+zstd". Defaults from bench/codec_sets + bench/realscale (issue 9; figures in
     # bench/results/realscale.json): fpn cpca64s0.25+lz4 (the cache's one PCA basis, fitted by stage 1 on
     # `basis_images` images, one quantiser step per level: CSKD / SSIM loss error < 1 %; its int16 codes
-    # stored as int8 + escapes under LZ4, ~1.6x the loader records/s of pca64s0.25+pco, the default
-    # until session 19, at about the same bytes: the basis no longer rides in every record); cls topk24f0.01+zstd (every class
-    # >= 0.01, up to 24 per anchor: top-9 dropped real mass on ambiguous anchors of the synth20 teacher,
-    # CrossKD loss error 1.7 %); box int8c+lz4 (delta-filtered codes; masks cost CSKD its box gradient;
-    # LZ4 instead of zstd since session 19: ~13 % more box bytes, a third of the decode time)
+    # stored as int8 + escapes under LZ4: a third of the decode time of pca64s0.25+pco, the default until
+    # session 19, for 3 % (COCO shape) to 34 % (FPN-64 teachers) more FPN bytes; no basis in the records);
+    # cls topk24f0.01+zstd (every class >= 0.01, up to 24 per anchor: top-9 dropped real mass on
+    # ambiguous anchors of the synth20 teacher, CrossKD loss error 1.7 %); box int8c+lz4 (delta-filtered
+    # codes; masks cost CSKD its box gradient; LZ4 instead of zstd since session 19: 25-30 % more box
+    # bytes, ~40 % of the decode time). Together: 1.6-2.1x the loader records/s at 10-25 % more bytes.
     codecs: dict[str, str] = field(
         default_factory=lambda: {"fpn": "cpca64s0.25+lz4", "cls": "topk24f0.01+zstd", "box": "int8c+lz4",
                                  "quality": "int8c+zstd"}
