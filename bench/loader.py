@@ -123,13 +123,14 @@ def synthetic_store(root: Path, records: int, hw: tuple[int, int] = BIG_HW, seed
     rng = np.random.default_rng(seed)
     records = {key: retinanet_record(rng, hw, fpn_channels=fpn_channels, num_classes=num_classes) for key in plan}
     bases = None
-    if cpca_families(codecs):  # a cpca chain: the cache's one basis, fitted on its records as stage 1 would
+    ks = cpca_families(codecs)
+    if ks:  # a cpca chain: the cache's one basis, fitted on its records as stage 1 would
         fit = BasisFit()
         for arrays in records.values():
             for name, arr in arrays.items():
-                if target_family(name) in cpca_families(codecs):
+                if target_family(name) in ks:
                     fit.add(name, arr)
-        bases = fit.bases(max(cpca_families(codecs).values()))
+        bases = fit.bases(max(ks.values()))
         store_bases(root, writers[0], manifest, bases)
     for block in range(manifest.num_blocks()):
         encoded = []

@@ -207,10 +207,9 @@ def _cpca_on_device(c: CompactArray, device: torch.device) -> Tensor:
     the device once per (basis id, K') instead of once per record."""
     if "basis" not in c.parts:
         decode_compact(c)  # raises the reference's error: the blob was read without its cache's basis
-    if "q" + CODES8_SUFFIX in c.parts:  # int8 codes handed on: widened on the device
-        q = wide_codes(to_device(c.parts["q" + CODES8_SUFFIX], device), to_device(c.parts["q" + ESCAPES_SUFFIX], device))
-    else:
-        q = to_device(c.parts["q"], device)
+    codes = {k: to_device(v, device) for k, v in c.parts.items() if k.startswith("q")}  # q, or q.int8e + q.escapes
+    undelta_on_device(codes)
+    q = codes["q"]
     key = (np.asarray(c.parts["bid"]).tobytes(), int(q.shape[0]), str(device))
     basis = _BASES.get(key)
     if basis is None:
