@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numcodecs
+import numpy as np
 import torch
 
 from bench.common import RESULTS_DIR, dump_json, interleaved, machine_info
@@ -33,7 +34,10 @@ def measure(root: Path, rounds: int) -> dict:
     for image_id, view in reader.keys():
         rec = reader.get(image_id, view)
         records.append((image_id, view, rec.meta, rec.arrays))
-    num_classes = int(records[0][2].get("num_classes", 0)) or None
+    # classes per anchor, as stage 1 groups the class maps: the stored topk blobs record it
+    first = reader.get(*records[0][:2], targets=["cls"], compact=True).arrays
+    stored = next((c.parts["classes"] for c in first.values() if "classes" in c.parts), None)
+    num_classes = int(np.asarray(stored)[0]) if stored is not None else None
     sets = {"default": CODEC_SETS["default"], BEFORE_SET: CODEC_SETS[BEFORE_SET]}
     sizes = {name: 0 for name in sets}
 
