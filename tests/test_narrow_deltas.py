@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.config import CacheParams
 from stages.distill.device_decode import decode_on_device, narrow_indices, wrapped_cumsum
 from stores.codecs import BlobDecodeError, decode, decode_compact, encode, pack, undelta, unpack
 
@@ -138,10 +139,13 @@ def _real_chains() -> dict[str, tuple[bytes, np.ndarray]]:
     box = rng.normal(size=(36, 40, 70)).astype(np.float32)
     out = {}
     for label, blob in (("topk", encode(probs, "topk3f0.05+zstd", classes=6)),
+                        # the default class chain (session 20): blosc LZ4 parts, delta8 indices
+                        ("topk lz4", encode(probs, CacheParams().codecs["cls"], classes=6)),
                         ("mask", encode(box, "mask0.98+zstd", score=probs[:36])),
                         ("sparse", encode(probs, "sparse0.4+zstd"))):
         header = msgpack.unpackb(blob, raw=False)
         assert header["parts"]["idx"]["filter"] == "delta8", label
+        assert header["parts"]["idx"]["codec"] == ("blosc" if "lz4" in label else "zstd"), label
         idx = unpack(blob).parts["idx"]
         header["parts"]["idx"] = _entry(_differences(idx), "<u4", "delta")
         out[label] = (blob, msgpack.packb(header, use_bin_type=True))
