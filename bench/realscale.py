@@ -98,7 +98,7 @@ CODEC_SETS = {
     # F 0.002 dropped real classes of ambiguous anchors), measured on the same records for comparison
     "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
                                 "quality": "int8c+zstd"},
-    # the class maps of session 19's defaults (floor 0.01, zstd): 14-38 % more class bytes, decoded 2-4x slower
+    # the class maps of session 19's defaults (floor 0.01, zstd): 16-62 % more class bytes, decoded 2-4x slower
     "default+cls=topk24f0.01+zstd": {**CODECS, "cls": "topk24f0.01+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
     "default+cls=topk9f0.01": {**CODECS, "cls": "topk9f0.01+zstd"},
