@@ -52,9 +52,11 @@ def fg_mask(boxes, b, h, w, stride):
 
 
 def neck_level(s, t, conv_w, conv_b, boxes, stride, w=(1.0, 0.5)):
-    """DistillNeck.forward for one level -> (feat, roi, fg, bg)."""
-    s = F.conv2d(s, conv_w, conv_b)
+    """DistillNeck.forward for one level -> (feat, roi, fg, bg). As official, `b, c, h, w = student.shape`
+    is read from the student map BEFORE `_student = self.mimic_conv(student)`: c in the fg / bg
+    avg_factor `mask.sum() * c` is the student's own width."""
     b, c, h, wd = s.shape
+    s = F.conv2d(s, conv_w, conv_b)
     feat = mse_cos(s, t, w)
     rois = [bx / stride for bx in boxes]
     roi = mse_cos(roi_align(s, rois, 7, 1.0, 2, True), roi_align(t, rois, 7, 1.0, 2, True), w)

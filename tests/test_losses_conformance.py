@@ -206,7 +206,7 @@ def cskd_reference(arch, student, teacher, matched, loss):
 
 def leaves(student):
     out = list(student.fpn) + list(student.cls_logits) + list(student.box_reg) + list(student.quality)
-    return out + list(student.cls_tower.pre[0])
+    return out + [m for layer in student.cls_tower.pre[:1] for m in layer]
 
 
 def compare(got: dict, want: dict, student, params):
@@ -229,6 +229,27 @@ def test_cskd_matches_official_formulas(arch):
     student, teacher, matched, loss = cskd_case(arch)
     got = loss(student, teacher, GT)
     want = cskd_reference(arch, student, teacher, matched, loss)
+    compare(got, want, student, loss.parameters())
+
+
+@pytest.mark.parametrize("c_student, c_teacher", [(4, 8), (8, 4)])
+def test_cskd_neck_at_unequal_fpn_widths(c_student, c_teacher):
+    """DistillNeck at unequal widths: fg / bg normalised by sum(mask) * the STUDENT's width (official
+    forward reads c before mimic_conv); value and gradient (student maps and mimic convs)."""
+    student = DetectorOutput(fpn=level_maps(c_student, 0), strides=list(STRIDES), image_sizes=list(FULL))
+    teacher = TeacherTargets(fpn=[m.detach() for m in level_maps(c_teacher, 100)])
+    loss = CSKDLoss(c_student, c_teacher, K, predictions=False, num_levels=3).double()
+    torch.manual_seed(7)
+    for p in loss.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    got = loss(student, teacher, GT)
+    boxes = [t["boxes"].double() for t in GT]
+    want = {k: 0.0 for k in ("neck", "roi", "fg", "bg")}
+    for lv, stride in enumerate(STRIDES):
+        conv = loss.mimic[lv]
+        for key, v in zip(want, ref.neck_level(student.fpn[lv], teacher.fpn[lv], conv.weight, conv.bias, boxes,
+                                               stride)):
+            want[key] = want[key] + v
     compare(got, want, student, loss.parameters())
 
 

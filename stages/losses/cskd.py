@@ -8,7 +8,7 @@ The core term (official `_loss_mse_cos`) on a student map s and teacher map t [B
   G = |(1 - cos_ch) (1 - cos_sp)|   guidance (not detached, as official)
   plain   (no avg factor): w_mse * mean(G (s-t)^2) + w_cos * (mean_bc(1-cos_ch) + mean_cells(1-cos_sp))
   avg F   (avg factor F):  w_mse * sum(G (s-t)^2) / F + w_cos * (mean_bc(1-cos_ch) + sum_cells(1-cos_sp) / F)
-  masked  (fg / bg, mask M, F = sum(M) * C): s, t and G multiplied by M first; cells outside M are zero
+  masked  (fg / bg, mask M, F = sum(M) * C_s, C_s below): s, t and G multiplied by M first; cells outside M are zero
           vectors, so each adds a constant 1 to sum_cells(1 - cos_sp) (as official)
 "Cells" are the batch's valid cells (padding never counts: the project's rule; the official code
 runs over the padded map). Weights (w_mse, w_cos) = (1, 0.5) for every part (official configs).
@@ -17,12 +17,16 @@ runs over the padded map). Weights (w_mse, w_cos) = (1, 0.5) for every part (off
 |--------------------------------|--------------|-------------------------------------|------------------------------|
 | DistillNeck loss_feat (neck)   | neck         | mimic_conv[l](S_l) vs T_l           | plain                        |
 | DistillNeck loss_rois (nkroi)  | roi          | 7x7 RoIAlign of both at GT boxes    | plain over R x C x 49        |
-| DistillNeck loss_fg / loss_bg  | fg / bg      | both x GT-box mask / x its complement | masked, F = sum(M) * C     |
+| DistillNeck loss_fg / loss_bg  | fg / bg      | both x GT-box mask / x its complement | masked, F = sum(M) * C_s   |
 | Distillprediction cls (kdcls)  | pred_cls     | sigmoid maps                        | plain (GFL: avg, F = fg*C)   |
 | Distillprediction bbox (kdbbox)| pred_box     | raw box maps                        | avg, F = sum(fg) * C_box     |
 | Distillprediction cnt (FCOS)   | pred_ctr     | sigmoid centerness                  | avg, F = sum(fg) * 1         |
 | loss_assis_* (assistant)       | assist_*     | see `cskd_assistant`                | / number of positives        |
 | Distillbranch (brcls / brreg)  | tower_cls / tower_reg | each tower layer's output (after its activation), student vs teacher | plain; sum over levels, mean over layers |
+C_s in the fg / bg normaliser is the STUDENT's FPN width, not the adapted (teacher) width the terms run
+at: the official `DistillNeck.forward` reads `b, c, h, w = student.shape` before `mimic_conv`. With equal
+widths (the official configs) both agree; a student narrower than its teacher gets teacher/student times
+the adapted-width value.
 Every part is SUMMED over the FPN levels (mmdet sums the per-level loss lists); the caller's weight
 multiplies all parts. mimic_conv: one 1x1 conv per level, always (even 256 -> 256), N(0, 0.01) init
 as the official head's init_cfg. Tower terms: the teacher's tower maps are not cached (huge); the
@@ -199,8 +203,8 @@ class CSKDLoss(nn.Module):
             parts[key] = parts[key] + value if key in parts else value
 
         for lv, (s_map, t_map, stride, v, f) in enumerate(zip(student.fpn, teacher.fpn, student.strides, valid, fg)):
+            c = s_map.shape[1]  # official DistillNeck.forward: b, c, h, w read BEFORE mimic_conv (student width)
             s, t = self.mimic[lv](wide(s_map)), wide(t_map).detach()
-            c = s.shape[1]
             add("neck", self.term(s, t, v))
             add("roi", self._roi_term(s, t, v, gt_boxes, student.image_sizes, stride))
             add("fg", self.term(s, t, v, f, f.sum() * c) if f.sum() > 0 else s.new_zeros(()))
