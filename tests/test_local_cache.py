@@ -1,0 +1,168 @@
+"""stores.local_cache: the node-local cache of remote objects, through a real fsspec filesystem.
+
+Remote objects are files read through fsspec's own local filesystem ("file" protocol), subclassed
+only to count GETs (each ``get_file`` appends a line to a log file, so counts add up across
+processes). Concurrency is real: several spawned processes open the same objects at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import google_crc32c
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from stores.local_cache import LocalCacheError, LocalObjectCache
+
+
+class CountingFileSystem(LocalFileSystem):
+    """fsspec's local filesystem, logging every whole-object GET (one line per get_file)."""
+
+    def __init__(self, log: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.log = log
+
+    def get_file(self, rpath, lpath, **kwargs):
+        with open(self.log, "a") as f:  # O_APPEND: lines from several processes never interleave
+            f.write(f"{rpath}\n")
+        return super().get_file(rpath, lpath, **kwargs)
+
+
+def gets(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def remote(tmp_path):
+    """Three 'shards' of 3000, 4000, 5000 bytes, as file:// URLs."""
+    root = tmp_path / "bucket"
+    root.mkdir()
+    urls = {}
+    for i, n in enumerate((3000, 4000, 5000)):
+        p = root / f"shard-{i:06d}.tar"
+        p.write_bytes(os.urandom(n))
+        urls[i] = f"file://{p}"
+    return urls
+
+
+def make_cache(tmp_path, max_bytes=1 << 20) -> tuple[LocalObjectCache, Path]:
+    log = tmp_path / "gets.log"
+    return LocalObjectCache(tmp_path / "scratch", max_bytes, fs=CountingFileSystem(log=str(log))), log
+
+
+def body(url: str) -> bytes:
+    return Path(url.removeprefix("file://")).read_bytes()
+
+
+def test_first_open_fetches_then_hits_and_a_restart_keeps_the_cache(tmp_path, remote):
+    cache, log = make_cache(tmp_path)
+    assert cache.read(remote[0]) == body(remote[0])
+    assert cache.read(remote[0], size=3000, crc32c=google_crc32c.value(body(remote[0]))) == body(remote[0])
+    assert len(gets(log)) == 1 and cache.stats["hits"] == 1 and cache.stats["bytes_fetched"] == 3000
+    again, _ = make_cache(tmp_path)  # a restarted job on the same scratch folder
+    assert again.read(remote[0]) == body(remote[0])
+    assert len(gets(log)) == 1, "a restart reuses the cached file"
+
+
+def _reader(scratch: str, log: str, urls: list[str], start, out):
+    cache = LocalObjectCache(scratch, 1 << 20, fs=CountingFileSystem(log=log))
+    start.wait()
+    digests = [google_crc32c.value(cache.read(u)) for u in urls]
+    out.put(digests)
+
+
+def test_concurrent_processes_fetch_each_object_once(tmp_path, remote):
+    log = tmp_path / "gets.log"
+    urls = [remote[i] for i in (0, 1, 2)]
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_reader, args=(str(tmp_path / "scratch"), str(log), urls[k:] + urls[:k], start, out))
+             for k in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    want = {google_crc32c.value(body(u)) for u in urls}
+    assert all(set(r) == want for r in results)
+    assert sorted(gets(log)) == sorted(urls), "four processes, three objects: three GETs"
+
+
+def test_least_recently_used_objects_are_evicted_to_stay_under_max_bytes(tmp_path, remote):
+    cache, log = make_cache(tmp_path, max_bytes=9500)  # room for shards 0 + 1 (7000) or 0 + 2 (8000)
+    cache.read(remote[0])
+    time.sleep(0.01)
+    cache.read(remote[1])
+    time.sleep(0.01)
+    cache.read(remote[0])  # 0 is now the most recently used
+    time.sleep(0.01)
+    cache.read(remote[2])  # 12000 bytes: 1, the least recently used, goes
+    names = {name for _, _, name in cache.entries()}
+    assert names == {cache.name_of(remote[0]), cache.name_of(remote[2])}
+    assert cache.size_bytes() <= 9500 and cache.stats["evicted"] == 1
+    n = len(gets(log))
+    cache.read(remote[0])
+    assert len(gets(log)) == n, "the kept object is still served locally"
+    cache.read(remote[1])
+    assert len(gets(log)) == n + 1, "the evicted one is fetched again"
+
+
+def test_a_partial_or_damaged_local_copy_is_never_served(tmp_path, remote):
+    cache, log = make_cache(tmp_path)
+    url = remote[1]
+    name = cache.name_of(url)
+    objects = tmp_path / "scratch" / "objects"
+    # a fetch killed mid-way leaves only a part file: ignored
+    (objects / f"{name}.part-999999").write_bytes(body(url)[:100])
+    assert cache.read(url) == body(url) and len(gets(log)) == 1
+    # the local copy cut short: its size disagrees with its record
+    data = objects / name
+    data.write_bytes(body(url)[:1000])
+    assert LocalObjectCache(tmp_path / "scratch", 1 << 20, fs=cache.fs).read(url) == body(url)
+    assert len(gets(log)) == 2
+    # one flipped byte, same size: the crc32c of the record catches it (in a fresh process' view)
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert LocalObjectCache(tmp_path / "scratch", 1 << 20, fs=cache.fs).read(url) == body(url)
+    assert len(gets(log)) == 3
+    # a data file with no record (killed between the two renames of an older layout) is refetched
+    (objects / f"{name}.json").unlink()
+    assert cache.read(url) == body(url) and len(gets(log)) == 4
+
+
+def test_a_rewritten_remote_object_is_fetched_again_when_the_block_says_so(tmp_path, remote):
+    cache, log = make_cache(tmp_path)
+    url = remote[0]
+    cache.read(url)
+    new = os.urandom(3000)  # a repair run rewrote the block: same name, same size, new bytes
+    Path(url.removeprefix("file://")).write_bytes(new)
+    assert cache.read(url, size=3000, crc32c=google_crc32c.value(new)) == new
+    assert len(gets(log)) == 2
+
+
+def test_an_object_that_disagrees_with_its_block_is_refused_in_one_line(tmp_path, remote):
+    cache, _ = make_cache(tmp_path)
+    with pytest.raises(LocalCacheError) as err:
+        cache.read(remote[2], size=4096)
+    msg = str(err.value)
+    assert remote[2] in msg and "4096" in msg and "inspect_cache --verify" in msg and "\n" not in msg
+    assert cache.entries() == [], "nothing of the refused object is kept"
+
+
+def test_a_failed_fetch_leaves_nothing_behind(tmp_path, remote):
+    def half_then_fail(url: str, local: str) -> None:
+        Path(local).write_bytes(body(url)[:50])
+        raise ConnectionError(f"connection reset reading {url}")
+
+    cache = LocalObjectCache(tmp_path / "scratch", 1 << 20, fetch=half_then_fail)
+    with pytest.raises(ConnectionError):
+        cache.read(remote[0])
+    assert list((tmp_path / "scratch" / "objects").iterdir()) == []
+    good, log = make_cache(tmp_path)
+    assert good.read(remote[0]) == body(remote[0]) and len(gets(log)) == 1
