@@ -28,7 +28,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
-# for a session lent a GPU machine (bench/device_check.sh): the packages it lacks, at this venv's
+# for a GPU machine without network access (bench/device_check.sh): the packages it lacks, at this venv's
 # versions, as wheels for its Python 3.12 (it has torch, torchvision, numpy, pyyaml, msgpack, tqdm)
 DEVICE_PKGS := webdataset|braceexpand|zarr|donfig|numcodecs|google-crc32c|zstandard|zfpy|pcodec|pycocotools|pytorch-msssim
 device-wheels: setup

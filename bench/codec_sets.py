@@ -4,8 +4,8 @@
 
 The rate-distortion table (`bench.rate_distortion`) varies one family at a time on the bench's random
 teacher; this varies whole sets (fpn / cls / box chains) on a trained teacher (`bench.realscale`'s
-rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at the issue's 800x1344 view,
-with `stages.cache.fidelity.measure_gradient_fidelity`: per KD method the cosine between the loss's
+rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at an 800x1344 view,
+with `stages.fidelity.measure_gradient_fidelity`: per KD method the cosine between the loss's
 gradient w.r.t. the student's outputs with cached vs live targets (min over images) and the relative
 loss error (max), and the stored bytes per record; the default set's records are then written to a
 real Zarr + WebDataset store and read back one worker (`bench.loader.measure_store`). The student and every method's trainable parts
@@ -32,24 +32,23 @@ from stages.data.views import View
 from stages.detectors.build import build_detector
 from stores import EncodedRecord
 
-PRE = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
+DENSE = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
 SETS = {
-    "pre-issue-9": PRE,
+    "int8c/int8c/fp16": DENSE,
     "default": dict(CacheParams().codecs),
     "pca32/topk2f0.01/mask0.05": {"fpn": "pca32+zstd", "cls": "topk2f0.01+zstd", "box": "mask0.05+zstd"},
     "pca32/topk9f0.002/mask0.01": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "mask0.01+zstd"},
     "pca32/int8c/int8c": {"fpn": "pca32+zstd", "cls": "int8c+zstd", "box": "int8c+zstd"},
     "pca16/int8c/int8c": {"fpn": "pca16+zstd", "cls": "int8c+zstd", "box": "int8c+zstd"},
     "pca32/int8c/mask0.01": {"fpn": "pca32+zstd", "cls": "int8c+zstd", "box": "mask0.01+zstd"},
-    # FPN candidates (issue 9, features): one quantiser step per level + pcodec, SZ3; cls / box as the
-    # issue-9 default set
+    # FPN candidates: one quantiser step per level + pcodec, SZ3; cls / box as pca32/topk9f0.002/int8c
     "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
     "pca64s0.2+pco/topk9f0.002/int8c": {"fpn": "pca64s0.2+pco", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
     "pca64s0.25+pco/topk9f0.002/int8c": {"fpn": "pca64s0.25+pco", "cls": "topk9f0.002+zstd", "box": "int8c+zstd"},
 }
-# class-map candidates (issue 9, class maps): the default set with another topk chain (every topk blob
-# now caps its background per anchor at the K-th kept value and keeps the dropped mass; int8c box
-# codes are delta-filtered where that is smaller)
+# class-map candidates: the default set with another topk chain (every topk blob caps its background
+# per anchor at the K-th kept value and keeps the dropped mass; int8c box codes are delta-filtered
+# where that is smaller)
 for _cls in ("topk9f0.01", "topk9f0.005", "topk16f0.01", "topk4f0.01", "topk24f0.01"):
     SETS[f"default+cls={_cls}"] = {**dict(CacheParams().codecs), "cls": f"{_cls}+zstd"}
 if importlib.util.find_spec("pysz"):  # SZ3 is an optional extra (kdcache[sz])
@@ -85,7 +84,7 @@ def measure(teacher_name: str, hw: tuple[int, int], images: int, warm_steps: int
                    "bytes_by_target": r["bytes_by_target"], "grad_cosine": r["grad_cosine"],
                    "loss_rel_err": r["loss_rel_err"]} for name, r in res.items()}
     return {"teacher": desc, "view": list(hw), "images": len(big), "warm_steps": warm_steps,
-            "teacher_cls": res["pre-issue-9"]["teacher_cls"], "sets": sets, "loader_default_set": loader}
+            "teacher_cls": res["int8c/int8c/fp16"]["teacher_cls"], "sets": sets, "loader_default_set": loader}
 
 
 def summary_md(result: dict) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of this project as one short run, for a session whose task is lent a GPU machine.
+# The GPU checks of this project as one short run on a GPU machine without network access.
 # Here (once): make device-wheels          (.whl/: the packages that machine lacks, for its Python 3.12)
 # There:       device tool `run`, carry [".whl"], command "bash bench/device_check.sh", timeout_s ~540
 #   1. the CUDA-only tests: device decode equals the numpy reference (tests/test_device_codecs.py,

@@ -1,4 +1,5 @@
-"""Stage 1's encoding cost per record: the default codecs against the codecs before session 19.
+"""Stage 1's encoding cost per record: the default codecs against a per-record FPN basis
+(`bench.realscale.BEFORE_SET`: pca64s0.25+pco FPN, topk24f0.01 class maps, int8c boxes, all under pcodec / zstd).
 
     python -m bench.realscale --teachers coco-synth20 --workdir W ...   # keeps W/realscale-store-coco-synth20
     python -m bench.encode_cost W/realscale-store-coco-synth20 [--rounds 3]

@@ -1,5 +1,5 @@
-"""Stage 2 loaders: records per second in one worker process, Zarr vs WebDataset, before and after
-issue 9 (compact codecs, decoded on the training device).
+"""Stage 2 loaders: records per second in one worker process, Zarr vs WebDataset, dense float32
+decode in the worker ("before") vs compact codecs decoded on the training device ("after").
 
 What a loader worker does per record, per side (alternated round by round, each reading every
 record of the store once):
@@ -10,14 +10,14 @@ record of the store once):
                   sample reader (``wds.DataPipeline(wds.SimpleShardList(shards), shard_samples)``, as
                   `wds_batches` does: members read at the sidecar's offsets, no Python tar walk), each
                   sample through `stores.wds_store.decode_sample(..., compact=...)`, which checks
-                  the sample's crc32c against its shard's sidecar first (issue 11; sha256 for
+                  the sample's crc32c against its shard's sidecar first (sha256 for
                   shards written before the sidecar had crc32c)
   zarr fpn-only   the same two reading only the fpn family (what an SSIM / feature-MSE student
   wds fpn-only    needs): both readers skip the other families' bytes (WebDataset reads only the
                   selected members at the sidecar's offsets, `shard_samples_of`)
 
   compact=False   "before": every target decoded to float32 numpy maps in the worker (the numpy
-                  reference decode; what stage 2 did before issue 9)
+                  reference decode, with the dense int8c / fp16 codecs)
   compact=True    "after": the lossless stage and framing only (`stores.codecs.unpack`), the parts
                   handed on as they are stored, index parts still delta-coded (``defer_delta``, as the
                   stage-2 loaders do); the cumsum, dequantise and scatter run on the training device
@@ -32,8 +32,8 @@ Stores:
   800x1344 synth    records with RetinaNet COCO shapes at an 800x1344 image: FPN 256 ch, cls 9x80,
                     box 9x4 at strides 8..128 (P3 100x168 ... P7 7x11), `bench.synth_targets`
                     contents, encoded by `stores.encode_record` and written by the real Zarr and
-                    WebDataset writers, once with the codecs of before issue 9 (BEFORE_CODECS,
-                    read with compact=False) and once with today's defaults (`CacheParams`,
+                    WebDataset writers, once with the dense int8c / fp16 codecs (BEFORE_CODECS,
+                    read with compact=False) and once with the default codecs (`CacheParams`,
                     read with compact=True)
   800x1344 demo     the same with the demo teacher's shapes (FPN 64 ch, 6 classes): ~1.8 MB per
                     record with the defaults, the size class of the demo teacher's real records
@@ -91,7 +91,8 @@ BIG_BLOCK = 2
 DEVICE_SIDE = "device decode (cpu torch)"
 
 
-BEFORE_CODECS = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd"}  # defaults before issue 9
+# the dense set "int8c/int8c/fp16": every map stored whole, int8 codes (boxes fp16), decoded in the worker
+BEFORE_CODECS = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd"}
 
 
 def store_bases(root: Path, zarr_writer, manifest: Manifest, bases: dict) -> Manifest:
@@ -277,8 +278,8 @@ def summary_md(result: dict) -> str:
                       "wds fpn-only rec/s", "device decode rec/s (CPU torch)"], rows)
     return (table + "\n\nPer worker process (one thread); rec/s medians over rounds, wds / zarr the median "
             "per-round throughput ratio; rec/CPU-s = records per CPU-second of the worker process (what a "
-            "worker with a core of its own would do; steadier than wall time on a loaded machine). *before*: the codecs of before issue 9, every map decoded to float32 "
-            "in the worker; *after*: today's default codecs, the worker only undoes zstd and the framing "
+            "worker with a core of its own would do; steadier than wall time on a loaded machine). *before*: the dense codecs (fpn and cls int8c, box fp16), every map decoded to float32 "
+            "in the worker; *after*: the default codecs, the worker only undoes zstd and the framing "
             "(wds also checks each sample's crc32c) and the training device dequantises (the last column is "
             "that work on this CPU, one torch thread). A student reading only FPN maps skips the other "
             "families' bytes with both readers.")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["stores"][f"{settings.scale.name} teacher ({arch}, {fix.padded_size[0]}x{fix.padded_size[1]})"] = (
             measure_store(cache, settings))
         before = synthetic_store(work / "synthetic-800x1344-before", BIG_RECORDS, codecs=BEFORE_CODECS)
-        out["stores"]["800x1344 synthetic, before (issue-9 codecs off, CPU decode)"] = measure_store(
+        out["stores"]["800x1344 synthetic, before (dense int8c / fp16 codecs, CPU decode)"] = measure_store(
             before, settings, compact=False)
         after = synthetic_store(work / "synthetic-800x1344", BIG_RECORDS)
         out["stores"]["800x1344 synthetic, after (default codecs, device decode)"] = measure_store(after, settings)

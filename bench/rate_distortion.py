@@ -15,7 +15,7 @@ family (fpn, cls, box) and each chain of `stores.codecs.CODEC_CHAINS_FOR_BENCH`:
                  student (the scale's student; train mode, as in a step); teacher targets batched
                  by `records_to_targets` from the live records with only this family decoded
 
-Issue 9 chains (`COMPACT_CHAINS`), per family: fpn pcaK (per-level channel PCA, int8 coefficients),
+The compact chains (`COMPACT_CHAINS`), per family: fpn pcaK (per-level channel PCA, int8 coefficients),
 pcaKsS (the same basis, one quantiser step S * rms per level, int16 codes, best with the pcodec
 stage ``+pco``), zfpT (ZFP fixed accuracy, numcodecs ZFPY), szT (SZ3 absolute bound, pysz) and
 pcodec as the lossless stage of raw / bitround maps (`PCO_CHAINS`); cls topkKfF (per-anchor top-K classes above F, logit-domain uint8,
@@ -89,7 +89,7 @@ def applicable(family: str, chain: str) -> bool:
 
 
 def chains_for(family: str) -> list[str]:
-    """The old chains that apply to `family`, then the issue-9 chains of its own transforms."""
+    """The old chains that apply to `family`, then the compact chains of its own transforms."""
     base = family.split(" ")[0]
     old = [c for c in CODEC_CHAINS_FOR_BENCH if applicable(base, c)]
     new = [c for c in COMPACT_CHAINS if parse_chain(c).transform in FAMILY_TRANSFORMS.get(base, ())

@@ -1,4 +1,4 @@
-"""Real-scale caches (issue 9): bytes, loader speed and KD fidelity at an 800x1344 view, per teacher.
+"""Real-scale caches: bytes, loader speed and KD fidelity at an 800x1344 view, per teacher.
 
     python -m bench.realscale [--device cpu|cuda] [--images N] [--student-steps N]
                               [--teachers demo,synth20,coco,coco-synth90,coco-synth20] [--sets a,b]
@@ -82,35 +82,35 @@ from stores.cache_basis import CacheBases
 from stores.manifest import SCHEMA_VERSION, is_store, remove_store
 
 NAME = "realscale"
-VIEW_HW = (800, 1344)  # the issue's view (--view changes it for smoke runs only)
+VIEW_HW = (800, 1344)  # a COCO-sized view, where the 1.5 MB goal applies (--view changes it for smoke runs only)
 WARM_HW = (320, 544)
 DEFAULT_ROWS = ("demo", "synth20", "coco", "coco-synth90", "coco-synth20")
 GOALS = {"bytes_per_record_max": 1.5e6, "loader_records_per_s_min": 300.0, "grad_cosine_min": 0.99,
          "loss_rel_err_max": 0.01}
 CODECS = dict(CacheParams().codecs)
-BEFORE_SET = "before-s19"  # the loader's "before" store: the defaults until session 19
-# the default set plus the chains compared with it (codecs engineer's candidates, issue 9 part 3);
-# every set is measured on the same live records and student outputs
+# the loader's "before" store: an FPN basis in every record, int16 codes under pcodec, zstd class / box maps
+BEFORE_SET = "pca64s0.25+pco/topk24f0.01/int8c"
+# the default set plus the chains compared with it; every set is measured on the same live records
+# and student outputs
 CODEC_SETS = {
     "default": CODECS,
-    "pre-issue-9": {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"},
-    # the defaults before this session's study (pca32 truncated FPN energy: CSKD / SSIM ~3 %; top-9 at
-    # F 0.002 dropped real classes of ambiguous anchors), measured on the same records for comparison
+    "int8c/int8c/fp16": {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"},
+    # a per-record 32-component PCA with a narrow top-9 (pca32 truncates FPN energy: CSKD / SSIM ~3 %; top-9
+    # at F 0.002 drops real classes of ambiguous anchors), measured on the same records for comparison
     "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
                                 "quality": "int8c+zstd"},
-    # the class maps of session 19's defaults (floor 0.01, zstd): 16-62 % more class bytes, decoded 2-4x slower
+    # class maps with a 0.01 floor under zstd: 16-62 % more class bytes, decoded 2-4x slower
     "default+cls=topk24f0.01+zstd": {**CODECS, "cls": "topk24f0.01+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
     "default+cls=topk9f0.01": {**CODECS, "cls": "topk9f0.01+zstd"},
-    # box maps only at cells where the teacher's class score reaches 0.01 (issue 9 part 3: box losses
-    # are weighted by teacher score or positives); zeros elsewhere
+    # box maps only at cells where the teacher's class score reaches 0.01 (box losses are weighted by teacher score or positives); zeros elsewhere
     "default+box=mask0.01": {**CODECS, "box": "mask0.01+zstd", "quality": "mask0.01+zstd"},
     # one PCA basis per cache (stores.cache_basis, fitted here on other images of the row): no basis in
     # the records; K = 64 or 128 of 256 channels, and the full-rank transform (nothing truncated)
     "cpca64s0.25": {**CODECS, "fpn": "cpca64s0.25+pco"},
-    # the defaults until session 19 (an FPN basis in every record with int16 codes under pcodec; box
-    # codes under zstd); its records are also read back by the loader, next to the default's
-    "before-s19": {"fpn": "pca64s0.25+pco", "cls": "topk24f0.01+zstd", "box": "int8c+zstd", "quality": "int8c+zstd"},
+    # an FPN basis in every record with int16 codes under pcodec, class and box codes under zstd; its
+    # records are also read back by the loader, next to the default's
+    BEFORE_SET: {"fpn": "pca64s0.25+pco", "cls": "topk24f0.01+zstd", "box": "int8c+zstd", "quality": "int8c+zstd"},
     "cpca128s0.25": {**CODECS, "fpn": "cpca128s0.25+pco"},
     "cpca256s0.25": {**CODECS, "fpn": "cpca256s0.25+pco"},
     # the very lossy end: small, and shown failing CSKD / CrossKD (masked boxes, top-2)
@@ -334,7 +334,7 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
     loader = loader_bench.measure_store_apart(store, replace(settings, rounds=args.loader_rounds), target_sets=labels)
     rps = loader["records_per_s"]
     loader_before = None
-    if before:  # the same records under the defaults until session 19, read back the same way just after
+    if before:  # the same records under BEFORE_SET's codecs, read back the same way just after
         old_store = write_store(work / f"realscale-store-{name}-before", sized(before), strides, bases.get(BEFORE_SET),
                                 sets[BEFORE_SET])
         got = loader_bench.measure_store_apart(old_store, replace(settings, rounds=args.loader_rounds), target_sets={})
@@ -352,7 +352,7 @@ def measure_row(name: str, spec: dict, work: Path, args, settings, device) -> di
         "bytes_by_target": fid["bytes_by_target"],
         "loader_records_per_s_per_worker": {"zarr": rps.get("zarr"), "wds": rps.get("wds")},
         "loader_records_per_s_per_worker_by_method": by_method,
-        # every target read back, with the defaults until session 19 (measured just after the default's)
+        # every target read back, with BEFORE_SET's codecs (measured just after the default's)
         "loader_records_per_s_per_worker_before": loader_before,
         "loader": {k: v for k, v in loader.items() if k != "timing"},
         "grad_cosine": fid["grad_cosine"],
@@ -409,7 +409,7 @@ def summary_md(result: dict) -> str:
                  + md_table(["teacher", *LOSS_NAMES], method_rows)) if method_rows else ""
     return (md_table(head, rows) + by_method + f"\n\nView {r['view'][0]}x{r['view'][1]}; default codecs: {codecs}. cos = min over "
             "images of the cosine between the KD loss's gradient w.r.t. the student's outputs with cached vs live "
-            "targets; err = max relative KD-loss error. before: the same records with the defaults until session 19 "
+            "targets; err = max relative KD-loss error. before: the same records with a per-record FPN basis "
             f"(`{BEFORE_SET}` in realscale.json's codec_sets), read back just after the default's. Goals: <= 1.5 MB/record, >= 300 rec/s per worker, "
             "cos >= 0.99, err <= 1 %. Per-target cosine / max error and bytes per target: realscale.json.")
 
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge and old.exists():
         kept = json.loads(old.read_text())["results"].get("teachers", {})
         results["teachers"] = {n: kept[n] for n in kept if n not in results["teachers"]} | results["teachers"]
-    # the headline keys of the issue: the trained teacher worth measuring (synth20), else the first measured row
+    # the headline keys: the trained teacher worth measuring (synth20), else the first measured row
     order = ["synth20", "demo", "coco"] + [n for n in results["teachers"] if n not in ("synth20", "demo", "coco")]
     measured = [n for n in order if "grad_cosine" in results["teachers"].get(n, {})]
     if measured:
@@ -494,7 +494,7 @@ def write(settings, env, results: dict, wall_s: float, argv) -> Path:
                "command": " ".join(["python -m bench." + NAME, *settings.argv]),
                "machine": machine_info(env["device"]) | {"torch_threads": env["torch_threads"],
                                                          "blosc_threads": env["blosc_threads"]},
-               "scale": {"name": "800x1344", "note": "issue 9 real-scale view", "rounds": settings.rounds,
+               "scale": {"name": "800x1344", "note": "real-scale view", "rounds": settings.rounds,
                          "reduced": False},
                "wall_s": round(wall_s, 2), "results": results}
     settings.out.mkdir(parents=True, exist_ok=True)

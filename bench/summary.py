@@ -20,8 +20,8 @@ TITLES = {
     "loader": "Stage 2 loaders: decoded records per second per worker process",
     "student_step": "Stage 2: student step time, offline (cache) vs online (live teacher)",
     "n_experiments": "Total compute for N students: cached vs online",
-    "realscale": "Real scale (800x1344): bytes, loader and KD-gradient fidelity per teacher (issue 9)",
-    "views": "More views for the same disk: 4 views x compact codecs vs 2 views (issue 9)",
+    "realscale": "Real scale (800x1344): bytes, loader and KD-gradient fidelity per teacher",
+    "views": "More views for the same disk: 4 views x compact codecs vs 2 views",
 }
 
 

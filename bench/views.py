@@ -1,5 +1,5 @@
-"""More views for the same disk (issue 9 part 7): a student trained on a cache of >= 4 views per image
-(scales x flips) with compact codecs vs one trained on today's 2 views with the pre-issue-9 codecs.
+"""More views for the same disk: a student trained on a cache of >= 4 views per image
+(scales x flips) with compact codecs vs one trained on today's 2 views with the dense int8c/int8c/fp16 codecs.
 
     python -m bench.views [--images 48] [--steps 80] [--seeds 0,1] [--method cskd|cskd-notower|ssim|mse|pfi]
                           [--scales4 96,128] [--codecs4 default|compact|FAMILY=CHAIN,...] [--targets all]
@@ -11,9 +11,9 @@ R18 student, the KD method `--method` with the demo's weight), the first N train
 same steps and seeds, and cache the targets that method reads (`--targets all`: the demo's); only
 the cache differs:
 
-  2 views   (128x192, flip / no flip), codecs fpn int8c, cls int8c, box fp16 (pre-issue-9 defaults)
+  2 views   (128x192, flip / no flip), codecs fpn int8c, cls int8c, box fp16 (the dense set `int8c/int8c/fp16`)
   4 views   `--scales4` short sides (long side cap 1.5x), flip / no flip; codecs `--codecs4`
-            (default: `CacheParams().codecs` when it differs from the pre-issue-9 set, else the
+            (default: `CacheParams().codecs` when it differs from the dense set, else the
             compact set; FAMILY=CHAIN pairs are laid over the defaults)
 
 The student's loader (stages/distill: `CachedViewDataset` + `stages.training.EpochBatchSampler`)
@@ -47,6 +47,7 @@ from stages.config import CacheParams, Params, from_dict, to_dict
 from stages.training import EpochBatchSampler
 
 NAME = "views"
+DENSE_SET = "int8c/int8c/fp16"  # the 2-view side's codecs: every map stored whole, fpn / cls int8c, box fp16
 TWO_VIEWS = [{"min_size": 128, "max_size": 192, "flip": False}, {"min_size": 128, "max_size": 192, "flip": True}]
 SCALES4 = (96, 128)  # short sides of the 4-view cache (long side cap 1.5x), each flipped and not
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt, how = trained_checkpoint(REPO / base.teacher.checkpoint)
     if ckpt is None:
         raise SystemExit(f"error: {how}")
-    old = CODEC_SETS["pre-issue-9"]
+    old = CODEC_SETS[DENSE_SET]
     default = dict(CacheParams().codecs)
     name4 = args.codecs4 or ("default" if default != old else "compact")
     if "=" in name4:  # e.g. fpn=pca8+zstd: chains laid over the default set
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = (list(base.cache.targets) if args.targets == "all"
                else args.targets.split(",") if args.targets else METHOD_TARGETS[args.method])
     views4 = four_views(int(x) for x in args.scales4.split(","))
-    sides = {"2 views": (TWO_VIEWS, old, "pre-issue-9"), "4 views": (views4, codecs4, name4)}
+    sides = {"2 views": (TWO_VIEWS, old, DENSE_SET), "4 views": (views4, codecs4, name4)}
     out: dict[str, Any] = {"teacher": {"checkpoint": str(ckpt.relative_to(REPO)) if ckpt.is_relative_to(REPO)
                                        else str(ckpt), "trained": how},
                            "images": args.images, "steps": args.steps, "seeds": seeds, "method": {args.method: METHOD_WEIGHTS[args.method]},

@@ -135,19 +135,19 @@ class CacheParams:
         default_factory=lambda: ["fpn", "cls", "box", "quality", "detections", "candidates", "tower_stats", "head"]
     )
     # codec chain per target family (stores.codecs), e.g. "int8c+zstd", "pca32+zstd", "topk9f0.002+zstd",
-    # "mask0.05+zstd". Defaults from bench/codec_sets + bench/realscale (issue 9; figures in
-    # bench/results/realscale.json): fpn cpca64s0.25+lz4 (the cache's one PCA basis, fitted by stage 1 on
-    # `basis_images` images, one quantiser step per level: CSKD / SSIM loss error < 1 %; its int16 codes
-    # stored as int8 + escapes under LZ4: a third of the decode time of pca64s0.25+pco, the default until
-    # session 19, for 3 % (COCO shape) to 34 % (FPN-64 teachers) more FPN bytes; no basis in the records);
-    # cls topk24f0.015+lz4 (every class >= 0.015, up to 24 per anchor, under LZ4 since session 20:
-    # the floor 0.01 kept 64 % of the demo teacher's class elements, whose zstd decode was half a
-    # worker's time; at 0.015 the class maps are 14-38 % smaller and decode 2-4x faster, CrossKD loss
+    # "mask0.05+zstd". Defaults from bench/codec_sets + bench/realscale (figures in
+    # bench/results/realscale.json, choices in docs/codecs.md): fpn cpca64s0.25+lz4 (the cache's one PCA
+    # basis, fitted by stage 1 on `basis_images` images, one quantiser step per level: CSKD / SSIM loss
+    # error < 1 %; its int16 codes stored as int8 + escapes under LZ4: a third of the decode time of a
+    # per-record basis under pcodec, pca64s0.25+pco, for 3 % (COCO shape) to 34 % (FPN-64 teachers) more
+    # FPN bytes; no basis in the records); cls topk24f0.015+lz4 (every class >= 0.015, up to 24 per
+    # anchor, under LZ4: a floor of 0.01 kept 64 % of the demo teacher's class elements, whose zstd decode
+    # was half a worker's time; at 0.015 the class maps are 14-38 % smaller and decode 2-4x faster, CrossKD loss
     # error 0.08-0.80 % on the trained rows (0.10-0.48 % at 0.01; 1.6 % at 0.02); top-9 dropped real
     # mass on ambiguous anchors of the synth20 teacher, CrossKD error 1.7 %); box int8c+lz4
-    # (delta-filtered codes; masks cost CSKD its box gradient; LZ4 instead of zstd since session 19:
-    # 25-30 % more box bytes, ~40 % of the decode time). Together, against session 18's defaults: 2.1-2.4x
-    # the loader records/s at 8-22 % more bytes. Figures: bench/results/realscale.json.
+    # (delta-filtered codes; masks cost CSKD its box gradient; LZ4 instead of zstd: 25-30 % more box
+    # bytes, ~40 % of the decode time). Together, against pca64s0.25+pco / topk24f0.01+zstd / int8c+zstd:
+    # 2.1-2.4x the loader records/s at 8-22 % more bytes. Figures: bench/results/realscale.json.
     codecs: dict[str, str] = field(
         default_factory=lambda: {"fpn": "cpca64s0.25+lz4", "cls": "topk24f0.015+lz4", "box": "int8c+lz4",
                                  "quality": "int8c+zstd"}

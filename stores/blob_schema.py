@@ -29,7 +29,7 @@ almost every gap is < 255 (COCO-shaped P3: 1,167 escapes in 3.6 M differences), 
 decompresses a quarter of the bytes. Readers older than the filter refuse such blobs by name
 ("unknown filter"), never misread them; blobs with "delta" / no filter read as before.
 
-``filter`` "int8e" (pcaKsS / cpcaKsS ``q`` parts, session 19) stores int16 codes as int8 with the
+``filter`` "int8e" (pcaKsS / cpcaKsS ``q`` parts) stores int16 codes as int8 with the
 few that do not fit escaped: `stores.narrow_codes` has the layout and its reasons.
 """
 

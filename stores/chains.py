@@ -118,7 +118,7 @@ def parse_chain(spec: str | CodecChain) -> CodecChain:
 
 
 def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
-    """The issue-9 transforms (topk, mask, pca, pcas, zfp, sz)."""
+    """The compact transforms (topk, mask, pca, pcas, zfp, sz)."""
     m = _RE_TOPK.match(head)
     if m:
         k, f = int(m.group(1)), float(m.group(2))

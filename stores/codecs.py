@@ -236,7 +236,7 @@ def pack(parts: dict[str, np.ndarray], chain: CodecChain | str, shape: tuple, dt
         codec, data = _compress(p, chain.lossless)
         if chain.transform == "int8c" and name == "q" and codec in ("zstd", "blosc"):
             # a dense map's neighbouring cells are close: int8 differences in C order (wrapping mod 256,
-            # exact) compress ~18 % smaller under zstd on box maps, ~13 % under lz4 (session 19);
+            # exact) compress ~18 % smaller under zstd on box maps, ~13 % under lz4;
             # kept only where they are smaller
             d = np.diff(p.reshape(-1), prepend=np.int8(0)).reshape(p.shape)
             codec_d, data_d = _compress(d, chain.lossless)

@@ -42,14 +42,14 @@ from stores.chains import CodecChain, parse_chain
 
 _ZSTD = numcodecs.Zstd(level=9, checksum=True)
 _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-# fast-decoding lossless stages for the loader (session 16): blosc with a bit shuffle, then zstd
+# fast-decoding lossless stages for the loader: blosc with a bit shuffle, then zstd
 # ("bzstd") or LZ4HC ("blz4"). Demo teacher at 800x1344, one worker, default transforms: fpn +pco
 # 1.31 MB/record at ~125 rec/s; fpn +bzstd 1.39 MB, ~135; fpn +blz4 1.60 MB, ~160; fpn, cls and box
 # +blz4 1.80 MB, ~205 (COCO shape: 2.36 MB at ~55 -> 3.28 MB at ~65, its class maps dominate).
 # Their parts are ordinary blosc frames (part codec "blosc", decoded by `decode_part` like any blosc
 # part); a chain can name them once `stores.chains.LOSSLESS` lists them (readers older than that
 # refuse the chain name with a clear error).
-# "lz4" (session 19): LZ4HC with the byte shuffle, for int8 codes (pcaKsS's codes narrowed to int8 by
+# "lz4": LZ4HC with the byte shuffle, for int8 codes (pcaKsS's codes narrowed to int8 by
 # the "int8e" filter, `stores.narrow_codes`): a bit shuffle gains nothing on them and halves LZ4's
 # decode speed. COCO-shaped synth20 teacher at 800x1344, one record's five FPN code parts: int16 +pco
 # 443 kB in 2.5 ms, int8e +zstd 466 kB in 1.7 ms, int8e +lz4 582 kB in 0.5 ms (one core of this

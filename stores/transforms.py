@@ -1,4 +1,5 @@
-"""The compact transforms of issue 9: numpy reference encoders and decoders (`stores.codecs` frames them).
+"""The compact transforms (pca, cpca, topk, mask, zfp, sz): numpy reference encoders and decoders
+(`stores.codecs` frames them).
 
 Each transform turns one float map into named *parts* (small integer / fp16 arrays and scales)
 and back. `stages.cache.device_codecs` computes the same parts with torch on the teacher's device

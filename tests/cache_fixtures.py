@@ -1,8 +1,8 @@
-"""Session fixtures for stage 1 and 2 tests: ONE tiny teacher checkpoint and ONE tiny cache. PYTEST_DONT_REWRITE
+"""Session-scoped pytest fixtures for stage 1 and 2 tests: ONE tiny teacher checkpoint and ONE tiny cache. PYTEST_DONT_REWRITE
 
 Use them from a test module with
     pytest_plugins = ["tests.cache_fixtures"]
-(one registration: a session fixture imported by name into several modules would be built once
+(one registration: a session-scoped fixture imported by name into several modules would be built once
 per module, and trips ruff's F811). The helpers below may be imported as usual; this module is
 not assertion-rewritten (PYTEST_DONT_REWRITE), so importing it before pytest registers it as a
 plugin is fine, and its asserts carry their own messages.

@@ -176,10 +176,10 @@ def test_benchmark_dataset_keeps_images_of_one_padded_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 9: bench.realscale / bench.views
+# bench.realscale / bench.views
 
 
-def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, monkeypatch):
+def test_realscale_writes_every_headline_key_and_skips_a_missing_teacher(tmp_path, monkeypatch):
     """A tiny random teacher at a small view (the real run is 800x1344): every key of the issue, seven
     methods, finite figures; a row whose checkpoint is missing is skipped with the command that makes it."""
     import torch
@@ -212,14 +212,14 @@ def test_realscale_writes_every_issue_key_and_skips_a_missing_teacher(tmp_path, 
     assert cpca["codecs"]["fpn"] == "cpca64s0.25+pco" and 0 < cpca["bytes_by_target"]["fpn"]
     assert all(-1.0 <= v <= 1.0 + 1e-9 for v in cpca["grad_cosine"].values())
     assert row["teacher"]["num_classes"] == 6 and "random" in row["teacher"]["trained"]
-    before = row["loader_records_per_s_per_worker_before"]  # the pre-session-19 codecs, read back too
+    before = row["loader_records_per_s_per_worker_before"]  # the per-record FPN basis set, read back too
     assert before["codecs"]["fpn"] == "pca64s0.25+pco" and before["zarr"] > 0 and before["wds"] > 0
-    assert before["bytes_per_record"] == row["codec_sets"]["before-s19"]["bytes_per_record"] > 0
+    assert before["bytes_per_record"] == row["codec_sets"][realscale.BEFORE_SET]["bytes_per_record"] > 0
     from bench import encode_cost  # stage 1's encode time per record of the row's store, both code sets
 
     cost = encode_cost.main([str(tmp_path / "w/realscale-store-tiny"), "--rounds", "1", "--out", str(tmp_path / "res")])
     enc = cost["results"]
-    assert enc["records"] == 1 and set(enc["encode_s_per_record"]) == {"default", "before-s19"}
+    assert enc["records"] == 1 and set(enc["encode_s_per_record"]) == {"default", realscale.BEFORE_SET}
     assert all(v > 0 for v in enc["encode_s_per_record"].values()) and all(v > 0 for v in enc["bytes_per_record"].values())
     assert "missing" in saved["teachers"]["demo"]["teacher"]["skipped"]
     assert out["teachers"]["demo"]["goals_met"] == {}
@@ -247,7 +247,7 @@ def test_trained_checkpoint_prefers_the_final_file_and_names_a_partial_run(tmp_p
 def test_views_summary_states_the_disk_ratio_and_ap_difference():
     from bench import views
 
-    side = {"views": views.TWO_VIEWS, "codec_set": "pre-issue-9", "disk_bytes": 2e6, "disk_bytes_per_image": 4e4,
+    side = {"views": views.TWO_VIEWS, "codec_set": views.DENSE_SET, "disk_bytes": 2e6, "disk_bytes_per_image": 4e4,
             "AP_mean": 10.0, "AP50_mean": 20.0, "runs": {"0": {"AP": 10.0}}}
     four = dict(side, views=views.FOUR_VIEWS, codec_set="default", disk_bytes=1e6, AP_mean=11.0)
     result = {"results": {"sides": {"2 views": side, "4 views": four}, "teacher": {"trained": "t"}, "images": 48,

@@ -1,7 +1,7 @@
 """Stage 1 under faults: SIGKILL and resume, a no-op rerun, damaged shards / chunks found by
 inspect_cache --verify and repaired by a rerun (or --repair), a full disk, two dask workers.
 
-The reference for "value-identical" is the session `tiny_cache`, built in-process uninterrupted
+The reference for "value-identical" is the session-scoped `tiny_cache`, built in-process uninterrupted
 (every build here runs torch with one thread, see tests/cache_fixtures.py)."""
 
 from __future__ import annotations

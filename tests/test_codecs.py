@@ -219,7 +219,7 @@ def test_lossy_chains_shrink_features():
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 9: topk (class maps), mask (box maps), pca (features), zfp; unpack = lossless stage only
+# compact transforms: topk (class maps), mask (box maps), pca (features), zfp; unpack = lossless stage only
 
 CLASSES = 5
 LOGITS = (RNG.standard_normal((3 * CLASSES, 7, 9)) * 2.5 - 4).astype(np.float32)
@@ -315,7 +315,7 @@ PRIOR = (0.01 * np.exp(0.3 * RNG.standard_normal((3 * CLASSES, 6, 8)))).astype(n
 
 @pytest.mark.parametrize("x", [AMBIGUOUS, PRIOR], ids=["ambiguous", "prior"])
 def test_topk_classes_dropped_above_the_floor_decode_near_their_value(x):
-    # issue 9: top-k dropped above-floor classes and the background cap sent them to F (0.24 error at
+    # a top-k that dropped above-floor classes and capped the background sent them to F (0.24 error at
     # p = 0.25 on the synth20 teacher; every dropped class of a prior-level teacher decoded to F)
     y = decode(encode(x, "topk2f0.002+zstd", classes=CLASSES))
     groups, dec = x.reshape(3, CLASSES, -1), y.reshape(3, CLASSES, -1)
@@ -416,7 +416,7 @@ def test_int8c_codes_of_a_smooth_map_are_delta_filtered_exactly():
     parts = prepare(smooth, "int8c+zstd")
     expected = parts["q"].astype(np.float32) * parts["scale"][:, None, None]
     np.testing.assert_array_equal(decode(blob), expected)
-    # session 17: the loader hands the int8 differences on ("q.delta"); their cumsum wraps mod 256
+    # the loader hands the int8 differences on ("q.delta"); their cumsum wraps mod 256
     summed = np.cumsum(unpack(blob, defer_delta=True).parts["q.delta"].astype(np.int64).ravel()).reshape(smooth.shape)
     np.testing.assert_array_equal((summed + 128) % 256 - 128, parts["q"])
     # smaller than the same codes without the filter, which is what blobs written before it hold

@@ -1,4 +1,4 @@
-"""Issue 9 end to end: stage 1 caches with the compact chains (device encoders, side inputs picked by
+"""Compact codecs end to end: stage 1 caches with the compact chains (device encoders, side inputs picked by
 the worker), stage 2 reads compact parts from both formats and dequantises on the training device.
 
 The reference is independent of the caching loop: the live teacher's records, encoded by the numpy
@@ -115,7 +115,7 @@ def test_stage2_reads_compact_parts_and_decodes_them_on_the_device(compact_cache
 
 
 def test_partial_cache_refused_the_same_by_both_sources_in_stage2(compact_cache, tmp_path):
-    """Issue 11 section 3: one block missing (its shard and its zarr done marker deleted, as a
+    """One block missing (its shard and its zarr done marker deleted, as a
     killed stage 1 leaves it): `train_student` refuses it with the same line for zarr and wds."""
     import shutil
 

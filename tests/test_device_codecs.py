@@ -1,4 +1,4 @@
-"""Issue 9: torch encoders (teacher device) and decoders (training device) against the numpy reference.
+"""Compact codecs: torch encoders (teacher device) and decoders (training device) against the numpy reference.
 
 The numpy functions of `stores.codecs` / `stores.transforms` are the reference; `device_prepare`
 must give the same parts (bit for bit for selections and IEEE float32 arithmetic; topk's float64

@@ -1,4 +1,4 @@
-"""Issue 9, FPN family: pcaKsS (one quantiser step per level), the pcodec lossless stage and SZ3.
+"""FPN family: pcaKsS (one quantiser step per level), the pcodec lossless stage and SZ3.
 
 Oracles are independent of the code under test: the PCA subspace against numpy's SVD of the centred
 map, the step against its definition from np.var, the error against the quantiser's own bound

@@ -1,4 +1,4 @@
-"""Label spaces and mappings; real-COCO details: crowd ignore regions, EXIF, sparse ids (issue 10 §2, §5)."""
+"""Label spaces and mappings; real-COCO details: crowd ignore regions, EXIF, sparse ids."""
 
 from __future__ import annotations
 

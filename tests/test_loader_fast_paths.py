@@ -1,4 +1,4 @@
-"""The loader's fast read paths (issue 9 part 4): each one against the library it stands in for.
+"""The loader's fast read paths: each one against the library it stands in for.
 
 - Zarr: `read_inner_chunk` (the shard file's bytes, checked with crc32c) returns exactly what zarr
   itself reads, for every record and array, including records of a block never written; damaged
@@ -104,7 +104,7 @@ def test_unpack_into_buffer_equals_numcodecs_decode():
             raw = numcodecs.Zstd().decode(p["bytes"]) if p["codec"] == "zstd" else p["bytes"]
             assert _zstd_content_size(p["bytes"]) in (None, len(raw))
             want = np.frombuffer(raw, dtype=p["dtype"]).reshape(p["shape"])
-            if p.get("filter") == "delta8":  # session 17: uint8 differences, 255 = the next uint32 escape
+            if p.get("filter") == "delta8":  # uint8 differences, 255 = the next uint32 escape
                 e = p["escapes"]
                 esc = iter(np.frombuffer(numcodecs.Zstd().decode(e["bytes"]) if e["codec"] == "zstd" else e["bytes"],
                                          dtype=e["dtype"]).tolist())
@@ -123,7 +123,7 @@ def test_unpack_into_buffer_equals_numcodecs_decode():
 
 
 # ------------------------------------------------------------------------------------------------
-# session 15: index cumsum on the device, sidecar-driven shard reading
+# index cumsum on the device, sidecar-driven shard reading
 
 
 def _indexed_blobs() -> dict[str, tuple[bytes, np.ndarray]]:
@@ -151,7 +151,7 @@ def test_deferred_delta_decodes_exactly_like_the_reference():
         ref = unpack(blob)
         got = unpack(blob, defer_delta=True)
         assert "idx" not in got.parts, label
-        if "idx.delta8" in got.parts:  # session 17: narrow differences, 255 = the next uint32 escape
+        if "idx.delta8" in got.parts:  # narrow differences, 255 = the next uint32 escape
             narrow, esc = got.parts["idx.delta8"], iter(got.parts["idx.escapes"].tolist())
             assert narrow.dtype == np.uint8 and narrow.flags.writeable
             deltas = np.array([next(esc) if v == 255 else v for v in narrow.tolist()], dtype=np.uint32)

@@ -1,4 +1,4 @@
-"""The loader worker's faster arithmetic (session 16, issue 9 part 4), each against a reference
+"""The loader worker's faster arithmetic, each against a reference
 written here from the blob format's definition (`stores.blob_schema`), not by the code it checks:
 
 - `undelta_in_place`: the delta filter undone in the part's own wrapping arithmetic (int8 codes
@@ -127,7 +127,7 @@ def _reference_parts(blob: bytes) -> dict[str, np.ndarray]:
     out = {}
     for name, p in msgpack.unpackb(blob, raw=False)["parts"].items():
         a = stored(p)
-        if p.get("filter") == "delta8":  # session 17: uint8 differences, 255 = the next uint32 escape
+        if p.get("filter") == "delta8":  # uint8 differences, 255 = the next uint32 escape
             escapes = iter(stored(p["escapes"]).tolist())
             a = np.array([next(escapes) if v == 255 else v for v in a.tolist()], dtype=np.uint32)
             a = np.cumsum(a, dtype=np.uint32)
@@ -184,10 +184,10 @@ def test_old_and_new_blobs_unpack_to_the_reference_parts():
             if name.endswith(DELTA_SUFFIX):
                 base = name[: -len(DELTA_SUFFIX)]
                 summed = np.cumsum(g.reshape(-1).astype(np.int64)).reshape(g.shape)
-                if g.dtype == np.int8:  # int8c codes (session 17): the sums wrap mod 256
+                if g.dtype == np.int8:  # int8c codes: the sums wrap mod 256
                     summed = ((summed + 128) % 256 - 128).astype(np.int8)
                 np.testing.assert_array_equal(summed, want[base], err_msg=label)
-            elif name.endswith((".delta8", ".escapes")):  # session 17: narrow index differences
+            elif name.endswith((".delta8", ".escapes")):  # narrow index differences
                 base = name.rsplit(".", 1)[0]
                 np.testing.assert_array_equal(undelta(deferred.parts)[base], want[base], err_msg=label)
             else:

@@ -150,7 +150,7 @@ def test_tower_statistics_per_level_from_cached_moments():
             cells = m.detach().permute(1, 0, 2, 3)[:, v[:, 0] > 0].double()
             torch.testing.assert_close(mean[branch][lv].double(), cells.mean(1), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(std[branch][lv].double(), cells.std(1), rtol=1e-5, atol=1e-6)
-    # the layout of caches before session 19 (a [3, C] blob per layer and level, plus the pooled one per
+    # the per-layer layout of tower statistics (a [3, C] blob per layer and level, plus the pooled one per
     # layer), written out here from the packed arrays: the same statistics, alone or mixed in one batch
     def legacy(r, per_level=True):
         out = {}

@@ -1,4 +1,4 @@
-"""Session 19: pcaKsS / cpcaKsS int16 codes stored as int8 with escapes ("int8e"), and the "lz4" stage.
+"""pcaKsS / cpcaKsS int16 codes stored as int8 with escapes ("int8e"), and the "lz4" stage.
 
 The oracles are the codes themselves and blobs built by hand from the format (`stores.narrow_codes`,
 `stores.blob_schema`) with Python lists and numcodecs, never with the code under test: an int8e blob

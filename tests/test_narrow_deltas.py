@@ -1,4 +1,4 @@
-"""Session 17: narrow index differences ("delta8") and int8c codes' cumsum on the training device.
+"""Narrow index differences ("delta8") and int8c codes' cumsum on the training device.
 
 The oracles are written from the blob format (`stores.blob_schema`) with Python integers, numpy's
 ``flatnonzero`` and numcodecs' Zstd, never with the code under test: blobs of the old forms (uint32
@@ -139,7 +139,7 @@ def _real_chains() -> dict[str, tuple[bytes, np.ndarray]]:
     box = rng.normal(size=(36, 40, 70)).astype(np.float32)
     out = {}
     for label, blob in (("topk", encode(probs, "topk3f0.05+zstd", classes=6)),
-                        # the default class chain (session 20): blosc LZ4 parts, delta8 indices
+                        # the default class chain (topk24f0.015+lz4): blosc LZ4 parts, delta8 indices
                         ("topk lz4", encode(probs, CacheParams().codecs["cls"], classes=6)),
                         ("mask", encode(box, "mask0.98+zstd", score=probs[:36])),
                         ("sparse", encode(probs, "sparse0.4+zstd"))):

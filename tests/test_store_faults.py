@@ -287,7 +287,7 @@ def test_two_processes_write_different_blocks(tmp_path, fmt):
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 11 section 3: the WebDataset streaming path checks what the Zarr reader and verify check
+# the WebDataset streaming path checks what the Zarr reader and verify check
 
 
 def _stream(root):

@@ -118,7 +118,7 @@ def test_generation_speed(tmp_path):
 # sha256 of instances_train.json written by the generator before `textures`/`colours` existed
 # (commit 1162906) for seed 0, 4 train / 1 val images, sides 112-192, min_object 16 (the demo's
 # settings): the default six-class set must stay byte-identical so the demo's data does not change.
-_PRE_ISSUE9_TRAIN_JSON = "2230eed8a58447c4990d63d71c145a382918294bb9406956556d53de2dd3234d"
+_SIX_CLASS_TRAIN_JSON_SHA256 = "2230eed8a58447c4990d63d71c145a382918294bb9406956556d53de2dd3234d"
 
 
 def test_default_set_unchanged_by_class_knobs(tmp_path):
@@ -129,7 +129,7 @@ def test_default_set_unchanged_by_class_knobs(tmp_path):
     out = generate(tmp_path / "d", seed=0, num_train=4, num_val=1, min_side=112, max_side=192, min_object=16,
                    progress=False)
     assert hashlib.sha256((tmp_path / "d/annotations/instances_train.json").read_bytes()).hexdigest() == (
-        _PRE_ISSUE9_TRAIN_JSON)
+        _SIX_CLASS_TRAIN_JSON_SHA256)
     explicit = generate(tmp_path / "e", seed=0, num_train=4, num_val=1, min_side=112, max_side=192,
                         min_object=16, textures=1, colours=1, progress=False)
     assert _files(tmp_path / "d") == _files(tmp_path / "e")

@@ -1,4 +1,4 @@
-"""torchvision COCO checkpoints and mmdetection checkpoints as teachers (issue 10).
+"""torchvision COCO checkpoints and mmdetection checkpoints as teachers.
 
 Each torchvision detector is built by torchvision itself (random weights, num_classes=91, no
 download), saved as a raw state_dict and used as the teacher on a COCO-format json with COCO's
@@ -400,7 +400,7 @@ def test_refusals_name_what_is_wrong(tv_retinanet_file, tmp_path, coco_ids_set):
     assert str(evil) in msg
 
 
-# ---------------------------------------------------------------- issue 11: said, and refused before work
+# ---------------------------------------------------------------- bad input: said, and refused before work
 
 
 def test_kdcache_arch_disagreeing_with_params_is_said_in_one_line(tiny_teacher, capsys):

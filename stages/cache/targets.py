@@ -18,7 +18,8 @@ h_l = ceil(h / stride_l), w_l = ceil(w / stride_l)):
   tower.{branch} [I, L, 3, C] float32: (count, sum, sum of squares) per channel of the head tower's
                  pre-activation at layer i, over the valid cells of FPN level l, so stage 2 forms
                  CrossKD's per-level batch mean and unbiased std (official `align_scale` runs level by
-                 level). One array per branch (session 19): caches before it hold the same moments as
+                 level). One array per branch (the packed layout); caches in the per-layer layout
+                 hold the same moments as
                  tower.{branch}.{i}.{l} [3, C] plus the pooled tower.{branch}.{i} [3, C], 2 x I x (L + 1)
                  small blobs per record (48 for a COCO-shaped RetinaNet) that cost a loader worker ~0.8 ms
                  of its ~4 ms per record in framing alone; `stages.distill.teacher_source` reads both.

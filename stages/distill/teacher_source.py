@@ -40,7 +40,7 @@ def _levels(records: list[dict[str, Tensor]], family: str, padded_hw, strides) -
 def _tower_moments(r: dict[str, Tensor], branch: str, index: int) -> tuple[Tensor | None, Tensor | None]:
     """One record's (per-level [L, 3, C] or None, pooled [3, C] or None) float64 moments of tower
     layer `index`, from either record layout (`stages.cache.targets`): tower.{branch} [I, L, 3, C]
-    (session 19 on) or tower.{branch}.{i}.{l} and the pooled tower.{branch}.{i} (before)."""
+    (the packed layout) or tower.{branch}.{i}.{l} and the pooled tower.{branch}.{i} (the per-layer layout)."""
     packed = r.get(f"tower.{branch}")
     if packed is not None:
         if index >= packed.shape[0]:
