@@ -4,7 +4,11 @@
 
 The rate-distortion table (`bench.rate_distortion`) varies one family at a time on the bench's random
 teacher; this varies whole sets (fpn / cls / box chains) on a trained teacher (`bench.realscale`'s
+<<<<<<< /tmp/docs/ours
+rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at the issue's 800x1344 view,
+=======
 rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at an 800x1344 view,
+>>>>>>> /tmp/docs/theirs
 with `stages.fidelity.measure_gradient_fidelity`: per KD method the cosine between the loss's
 gradient w.r.t. the student's outputs with cached vs live targets (min over images) and the relative
 loss error (max), and the stored bytes per record; the default set's records are then written to a
@@ -25,7 +29,7 @@ import torch
 from bench import loader as loader_bench
 from bench import realscale as rs
 from bench.common import RESULTS_DIR, dump_json, machine_info, make_parser, md_table, settings_from
-from stages.cache.fidelity import measure_gradient_fidelity
+from stages.fidelity import measure_gradient_fidelity
 from stages.cache.targets import record_meta
 from stages.config import CacheParams
 from stages.data.views import View

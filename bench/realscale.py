@@ -25,7 +25,7 @@ Per row, on N images rendered natively at 800x1344 from the teacher's own synthe
   * a student (the profile's: R18 FPN 32; coco rows: R18 FPN 256, 4 convs) and every KD method's
     trainable parts are first trained `--student-steps` AdamW steps (a quarter for the coco rows) on GT loss + all seven KD losses
     (live targets) at a 320x544 view of other rendered images: "a student that has trained a while";
-  * `stages.cache.fidelity.measure_gradient_fidelity` then gives, per method (mse, cosine, cskd,
+  * `stages.fidelity.measure_gradient_fidelity` then gives, per method (mse, cosine, cskd,
     ssim, crosskd, rm, pfi; the registry's real losses, weight 1), the cosine between the KD loss's
     gradient w.r.t. the student's outputs with cached vs live targets (min over images) and the
     relative KD-loss error (max), per-target cosine / max abs error, and bytes per record with the
@@ -65,7 +65,7 @@ from bench.common import (
 )
 from bench.fixtures import trained_checkpoint
 from stages.cache.basis import cpca_families, fit_bases
-from stages.cache.fidelity import measure_gradient_fidelity
+from stages.fidelity import measure_gradient_fidelity
 from stages.cache.targets import record_meta
 from stages.config import CacheParams, DistillParams, ModelParams
 from stages.data.batching import ViewDataset, collate

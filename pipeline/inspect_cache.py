@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 def _fidelity(reader, params, n: int, student_ckpt: str | None = None) -> tuple[dict, dict]:
     """measure_fidelity against teacher.checkpoint, refusing a teacher or dataset other than the cache's,
     and the KD-loss gradient fidelity of every method the cache's targets allow (`_gradients`)."""
-    from stages.cache.fidelity import measure_fidelity
+    from stages.fidelity import measure_fidelity
     from stages.cache.fingerprint import check_blocks_current, dataset_identity
     from stages.data.coco import CocoDataset
     from stages.detectors.checkpoint import load_teacher, teacher_model_params
@@ -112,11 +112,11 @@ def _fidelity(reader, params, n: int, student_ckpt: str | None = None) -> tuple[
 
 
 def _gradients(reader, params, teacher, dataset, n: int, device, student_ckpt: str | None) -> dict:
-    """Per method: min gradient cosine / max relative KD-loss error, cached vs live (stages.cache.fidelity),
+    """Per method: min gradient cosine / max relative KD-loss error, cached vs live (stages.fidelity),
     for the methods whose teacher fields the cache holds; the others are listed as skipped."""
     import torch
 
-    from stages.cache.fidelity import cached_gradient_fidelity
+    from stages.fidelity import cached_gradient_fidelity
     from stages.config import ConfigError
     from stages.detectors.build import build_detector, load_detector
     from stages.distill.run import detector_arch, loss_context, run_from_index

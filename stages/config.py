@@ -185,6 +185,9 @@ class SSIMParams:
     minmax: Literal["map", "channel"] = "map"  # min-max rescaling per image map (paper) or per channel
     levels: Literal["sum", "mean"] = "sum"  # reduction over FPN levels (paper: sum of per-level means)
     half: bool = True  # (1 - SSIM) / 2 (default) or 1 - SSIM
+    # a map side shorter than the window: skip smoothing along it (pytorch-msssim, the oracle) or
+    # replicate-pad it to the window (see stages/losses/ssim.py)
+    short_side: Literal["skip", "pad"] = "skip"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Gradient fidelity (stages.cache.fidelity): leaf outputs, codec round trip, per-target errors, and
+"""Gradient fidelity (stages.fidelity): leaf outputs, codec round trip, per-target errors, and
 the cosine between KD-loss gradients with cached vs live targets, on tiny seeded detectors.
 
 Oracles: a lossless codec must give cosine 1 and loss error 0 for every method; the streamed
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.cache.fidelity import (
+from stages.fidelity import (
     gradient_fidelity,
     leaf_outputs,
     measure_gradient_fidelity,

@@ -355,6 +355,33 @@ def test_ssim_map_agrees_with_pytorch_msssim():
     torch.testing.assert_close(got, want[0].to(got.dtype), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (7, 11), (4, 4), (2, 2), (11, 5)])
+def test_ssim_loss_on_maps_below_the_window_agrees_with_pytorch_msssim(size):
+    """Maps with a side < 11 (P7 at 800x1333 is 7x11): the default skips smoothing along that side,
+    as pytorch-msssim does; whole loss, value and gradient."""
+    import warnings
+
+    from pytorch_msssim import ssim
+
+    g = torch.Generator().manual_seed(2)
+    s = [torch.randn(2, 3, *size, generator=g, dtype=torch.float64, requires_grad=True)]
+    t = [torch.randn(2, 3, *size, generator=g, dtype=torch.float64)]
+    out = DetectorOutput(fpn=s, strides=[1], image_sizes=[size, size])
+    got = SSIMLoss(3, 3)(out, TeacherTargets(fpn=t), [])["fpn"]
+
+    def mm(z):
+        lo, hi = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
+        return (z - lo) / (hi - lo + 1e-6)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pytorch-msssim warns that it skips the short sides
+        want = ((1 - ssim(mm(s[0]), mm(t[0]), data_range=1.0, size_average=False)) / 2).mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    g1, = torch.autograd.grad(got, s)
+    g2, = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-9)
+
+
 def test_ssim_loss_agrees_with_pytorch_msssim():
     """Whole loss on >= 11 x 11 maps: sum over levels of mean (1 - SSIM) / 2, per-map min-max."""
     from pytorch_msssim import ssim

@@ -9,25 +9,30 @@ from stages.losses.ssim import C1, C2, SSIMLoss, gaussian_window, minmax, ssim_m
 from tests.losses_fakes import IMAGE_SIZES, STRIDES, grads_finite, student_output, teacher_targets
 
 
-def reference_ssim_loss(x, y, size, sigma):
+def reference_ssim_loss(x, y, size, sigma, short_side="skip"):
     """mean (1 - SSIM)/2 of one map pair [h, w] by loops: Gaussian window at every valid position
-    (Wang et al.); a side shorter than the window is first replicate-padded to the window size."""
+    (Wang et al.). A side shorter than the window: "skip" takes a 1-tap window along it (pytorch-msssim
+    leaves it unfiltered), "pad" first replicate-pads it to the window size."""
     g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
     g = [v / sum(g) for v in g]
     h, w = len(x), len(x[0])
     ph, pw = max(0, size - h), max(0, size - w)
+    gy, gx = g, g
+    if short_side == "skip":
+        gy, gx = (g if h >= size else [1.0]), (g if w >= size else [1.0])
+        ph = pw = 0
     top, left = ph // 2, pw // 2
 
     def at(m, i, j):  # padded coordinates -> replicate
         return m[min(max(i - top, 0), h - 1)][min(max(j - left, 0), w - 1)]
 
     total, count = 0.0, 0
-    for i in range(h + ph - size + 1):
-        for j in range(w + pw - size + 1):
+    for i in range(h + ph - len(gy) + 1):
+        for j in range(w + pw - len(gx) + 1):
             mx = my = xx = yy = xy = 0.0
-            for di in range(size):
-                for dj in range(size):
-                    wt = g[di] * g[dj]
+            for di in range(len(gy)):
+                for dj in range(len(gx)):
+                    wt = gy[di] * gx[dj]
                     a, b = at(x, i + di, j + dj), at(y, i + di, j + dj)
                     mx, my, xx, yy, xy = mx + wt * a, my + wt * b, xx + wt * a * a, yy + wt * b * b, xy + wt * a * b
             vx, vy, cov = xx - mx * mx, yy - my * my, xy - mx * my
@@ -44,12 +49,20 @@ def norm01(maps):
     return [[[(v - lo) / (hi - lo + 1e-6) for v in r] for r in m] for m in maps]
 
 
+@pytest.mark.parametrize("short_side", ["skip", "pad"])
 @pytest.mark.parametrize("shape, size, sigma", [((4, 5), 3, 1.0), ((1, 2), 11, 1.5), ((3, 3), 5, 1.5), ((6, 2), 5, 1.5)])
-def test_ssim_map_by_hand(shape, size, sigma):
+def test_ssim_map_by_hand(shape, size, sigma, short_side):
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(1, *shape, generator=g).double(), torch.rand(1, *shape, generator=g).double()
-    got = ((1 - ssim_map(x, y, gaussian_window(size, sigma).double())) / 2).mean().item()
-    assert math.isclose(got, reference_ssim_loss(x[0].tolist(), y[0].tolist(), size, sigma), rel_tol=1e-6)
+    got = ((1 - ssim_map(x, y, gaussian_window(size, sigma).double(), short_side)) / 2).mean().item()
+    want = reference_ssim_loss(x[0].tolist(), y[0].tolist(), size, sigma, short_side)
+    assert math.isclose(got, want, rel_tol=1e-6)
+
+
+def test_short_side_is_a_named_choice():
+    assert SSIMLoss(2, 2).short_side == "skip"  # the oracle's behaviour is the default
+    with pytest.raises(ValueError, match="short_side"):
+        SSIMLoss(2, 2, short_side="crop")
 
 
 def test_loss_by_hand():

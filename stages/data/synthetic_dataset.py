@@ -1,7 +1,8 @@
 """Writing the synthetic dataset (`stages.data.synthetic`): PNGs and COCO json per split, atomically.
 
-`generate` is re-exported by `stages.data.synthetic` (its historical home); the images themselves
-come from `stages.data.synthetic.render_image`, so this module holds only the files and the counts.
+`generate` is also importable from `stages.data.synthetic`, the dataset's public API; the images
+themselves come from `stages.data.synthetic_render.render_image`, so this module holds only the
+files and the counts.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.data.synthetic import _PNG_COMPRESS_LEVEL, _SPLITS, MIN_OBJECT, render_image
 from stages.data.synthetic_classes import ClassSpec, class_specs
+from stages.data.synthetic_render import MIN_OBJECT, render_image
+
+_SPLITS = {"train": 0, "val": 1}  # part of each image's seed: [seed, split, k]
+_PNG_COMPRESS_LEVEL = 6  # fixed, with no metadata: the same seed gives byte-identical files
 
 
 def _split_dataset(

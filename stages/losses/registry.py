@@ -151,7 +151,7 @@ def _build_one(name: str, ctx: LossContext, distill: DistillParams) -> nn.Module
     if name == "ssim":
         p = distill.ssim
         return SSIMLoss(ctx.student_channels, ctx.teacher_channels, p.window, p.sigma, p.adapter,
-                        minmax=p.minmax, levels=p.levels, half=p.half)
+                        minmax=p.minmax, levels=p.levels, half=p.half, short_side=p.short_side)
     if name == "cskd":
         p = distill.cskd
         same = dense and ctx.student_arch == ctx.teacher_arch and ctx.box_dim == ctx.teacher_box_dim

@@ -1,12 +1,15 @@
 """How exact is a cache? Decoded records against a live teacher re-run on the same inputs.
 
+It compares the two stages (stage 1's records, decoded through stage 2's teacher source), so it
+sits above both packages: stages.cache and stages.distill never import it.
+
 Per target family: mean cosine similarity, max abs error, and the relative error of a KD loss
 computed against the cached instead of the live target. The KD losses use a fixed proxy student
 (the live target plus 10% seeded noise), so the figure answers "how much would a student's loss
 move if it trained on this cache": feature MSE for fpn, soft-target BCE (the QFL-KD core) for
 cls/quality, L1 for box, and the softmax-KL of Rank Mimicking for candidate scores.
 
-Gradient fidelity (issue 9), what a student actually feels: for each real KD loss (built by the
+Gradient fidelity, what a student actually feels: for each real KD loss (built by the
 caller through `stages.losses.registry.build_kd_losses`, so it is the training code's loss), the
 loss and its gradient with respect to the student's outputs (every FPN / tower / dense map of
 `DetectorOutput`, made leaves by `leaf_outputs`) are computed once with live teacher targets and
