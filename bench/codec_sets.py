@@ -4,11 +4,7 @@
 
 The rate-distortion table (`bench.rate_distortion`) varies one family at a time on the bench's random
 teacher; this varies whole sets (fpn / cls / box chains) on a trained teacher (`bench.realscale`'s
-<<<<<<< /tmp/docs/ours
-rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at the issue's 800x1344 view,
-=======
 rows: demo = runs/teacher/model.pt, or its last.pt while it trains), at an 800x1344 view,
->>>>>>> /tmp/docs/theirs
 with `stages.fidelity.measure_gradient_fidelity`: per KD method the cosine between the loss's
 gradient w.r.t. the student's outputs with cached vs live targets (min over images) and the relative
 loss error (max), and the stored bytes per record; the default set's records are then written to a
