@@ -25,11 +25,11 @@ import torch
 from bench import loader as loader_bench
 from bench import realscale as rs
 from bench.common import RESULTS_DIR, dump_json, machine_info, make_parser, md_table, settings_from
-from stages.fidelity import measure_gradient_fidelity
 from stages.cache.targets import record_meta
 from stages.config import CacheParams
 from stages.data.views import View
 from stages.detectors.build import build_detector
+from stages.fidelity import measure_gradient_fidelity
 from stores import EncodedRecord
 
 DENSE = {"fpn": "int8c+zstd", "cls": "int8c+zstd", "box": "fp16+zstd", "quality": "fp16+zstd"}
