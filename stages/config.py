@@ -124,6 +124,15 @@ class ViewParams:
 
 
 @dataclass(frozen=True)
+class LocalCacheParams:
+    """A node-local copy of a remote cache's shard objects on scratch disk (stores.local_cache): the
+    loader workers and processes of one node fetch each shard once and read it from local disk."""
+
+    path: str = ""  # a scratch folder on the node's own disk; "" = read the store directly
+    max_gb: float = 50.0  # least recently used shards are evicted to stay under this size
+
+
+@dataclass(frozen=True)
 class CacheParams:
     path: str = "cache/teacher"
     format: Literal["zarr", "wds", "both"] = "both"
@@ -162,6 +171,12 @@ class CacheParams:
     # images (spread over the plan) from which a new cache fits its PCA basis for cpcaKsS chains
     # (stores.cache_basis); an existing cache keeps the basis it was built with
     basis_images: int = 16
+    # with cache.path a URL: stage 2 keeps the shards it reads on the node's scratch disk (see above)
+    local: LocalCacheParams = field(default_factory=LocalCacheParams)
+    # with cache.path a URL, cache_teacher writes here a small JSON receipt (the URL, the manifest's digest,
+    # the completed blocks): the local file dvc tracks as stage 1's output, in place of the cache folder
+    # (dvc.yaml's cache/teacher), so dvc sees when the cache in the bucket changed. Unused for a local path
+    receipt: str = "cache/teacher"
 
 
 @dataclass(frozen=True)
@@ -395,6 +410,7 @@ VALUE_RULES: dict[str, dict[str, Any]] = {
     "ViewParams": {"min_size": _ONE, "max_size": _ONE, "": _sizes},
     "CacheParams": {"views_per_image": _NONNEG, "batch_size": _ONE, "loader_workers": _NONNEG,
                     "block_size": _ONE, "n_workers": _ONE, "seed": _NONNEG, "": _views},
+    "LocalCacheParams": {"max_gb": _POS},
     "CSKDParams": {"w_mse": _NONNEG, "w_cos": _NONNEG},
     "SSIMParams": {"window": _odd, "sigma": _POS},
     "CrossKDParams": {"reuse_index": _reuse},
