@@ -2,18 +2,100 @@
 
 Every entry point shares `make_parser`, so `--params`, `--set` and `--help` behave the same
 everywhere.
+
+The YAML is read by `ParamsLoader` (PyYAML's safe loader, no object tags) with three guards, all
+checked on the composed node graph before a single value is built, so a hostile file costs
+milliseconds, not memory:
+* aliases may not expand past `MAX_EXPANDED_NODES` values (a "billion laughs" bomb is a few
+  hundred bytes of anchors that expand to 10^8 leaves once anything walks it);
+* a key given twice in one mapping is refused (YAML 1.1 loaders keep the last one silently, so a
+  second `train:` section would replace the first);
+* `1e-3` is a number, as in YAML 1.2 (and dvc's own parser): YAML 1.1 reads it as a string.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stages.config import ConfigError, Params, from_dict
+
+# far above any real params file (the demo's has ~300 values), far below what hurts
+MAX_EXPANDED_NODES = 100_000
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also resolves YAML 1.2 floats without a dot or exponent sign (1e-3, 5E4)."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain data from YAML `text`; `source` (a file name, or the --set argument) names it in errors."""
+    loader = ParamsLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from err
+        except RecursionError:
+            raise ConfigError(f"{source}: nested too deeply to be a params file") from None
+        if node is None:
+            return None
+        _check_graph(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_graph(root: Node, source: str) -> None:
+    """Refuse duplicate keys and alias expansion beyond MAX_EXPANDED_NODES, from the node graph
+    (aliases are shared nodes there, so this walk visits each node once: linear in the file)."""
+    sizes: dict[int, int] = {}
+
+    def walk(node: Node, path: str) -> int:
+        if id(node) in sizes:  # an alias: its expansion counts again, its content was checked
+            return sizes[id(node)]
+        sizes[id(node)] = 0  # a node reached again inside itself (a recursive alias) counts once
+        size = 1
+        if isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                size += walk(item, f"{path}[{i}]")
+        elif isinstance(node, MappingNode):
+            seen: set[Any] = set()
+            for key, value in node.value:
+                name = key.value if isinstance(key, ScalarNode) else None
+                if name is not None and name != "<<":
+                    if (key.tag, name) in seen:
+                        raise ConfigError(
+                            f"{source}: line {key.start_mark.line + 1}: key '{path}{name}' is given twice "
+                            "(the second would silently replace the first); merge them into one"
+                        )
+                    seen.add((key.tag, name))
+                size += walk(key, path) + walk(value, f"{path}{name}." if name is not None else path)
+        if size > MAX_EXPANDED_NODES:
+            raise ConfigError(
+                f"{source}: YAML aliases (*name) expand to more than {MAX_EXPANDED_NODES} values at "
+                f"'{path.rstrip('.') or 'top level'}' (an alias bomb?); write the values out instead"
+            )
+        sizes[id(node)] = size
+        return size
+
+    try:
+        walk(root, "")
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a params file") from None
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -61,7 +143,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = load_yaml(text, f"--set {override}")
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -69,10 +151,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raw = load_yaml(path.read_text(), str(path)) or {}
     elif str(path) != "params.yaml":
         raise ConfigError(f"{path}: params file not found")
     for override in overrides:

@@ -4,6 +4,9 @@ Writes `teacher.checkpoint` (architecture + weights + params + step). Rerunning 
 `<checkpoint folder>/last.pt`; a finished run is not repeated. Under
 `torchrun --nproc_per_node N -m pipeline.train_teacher` it trains one DistributedDataParallel model
 (`teacher.train.batch_size` per process); rank 0 writes the checkpoints.
+
+CPU threads: `teacher.train.threads` (0 = the CPUs this process may use / local processes, or
+OMP_NUM_THREADS when set); the count used is printed first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pipeline.params import make_parser, params_from_args
 from stages import distributed
 from stages.config import to_dict
 from stages.detector_training import train_detector
+from stages.devices import apply_threads, resolve_device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = params_from_args(args)
     t = params.teacher
+    resolve_device(t.train.device, "teacher.train.device")  # this machine has it: before any work
+    threads = apply_threads(t.train.threads, "teacher.train.threads")
     distributed.init_from_env(t.train.dist_timeout_s)
     main_rank = distributed.is_main()
+    if main_rank:
+        print(threads, flush=True)
     try:
         path = train_detector(t.model, t.train, params.data, Path(t.checkpoint), to_dict(params), overwrite=args.overwrite)
     finally:

@@ -8,6 +8,7 @@ typo in params.yaml fails loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ class TrainParams:
     ckpt_every: int = 100
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch CPU threads of each process (torch.set_num_threads; inter-op threads too): 0 = auto, the
+    # CPUs this process may use (affinity mask, cgroup cpu quota) / local processes (torchrun's
+    # LOCAL_WORLD_SIZE), at least 1, capped by OMP_NUM_THREADS when set. Two jobs on one machine
+    # whose threads outnumber its cores spin-wait on each other: give each its share
+    threads: int = 0
     # torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's
     # slice; the zoo's ResNets train BN, so without it results depend on the process count
     sync_bn: bool = True
@@ -393,6 +399,14 @@ def _odd(v: Any) -> str | None:
     return None if isinstance(v, int) and v >= 1 and v % 2 == 1 else "must be an odd integer >= 1"
 
 
+def _device(v: Any) -> str | None:
+    # the spelling only: whether this machine has that device is checked when a stage resolves it
+    # (stages.devices), so a CPU machine can still read params written for a GPU one
+    if re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", v):
+        return None
+    return "must be auto, cpu, cuda, cuda:N or mps"
+
+
 def _reuse(v: Any) -> str | None:
     return None if v == -1 or v >= 1 else "must be -1 (the paper's default) or >= 1"
 
@@ -406,10 +420,11 @@ VALUE_RULES: dict[str, dict[str, Any]] = {
                     "detections_per_img": _ONE},
     "TrainParams": {"lr": _POS, "momentum": _num(0, 1, high_open=True), "weight_decay": _NONNEG, "steps": _ONE,
                     "batch_size": _ONE, "warmup_steps": _NONNEG, "clip_grad": _NONNEG, "seed": _NONNEG,
-                    "workers": _NONNEG, "ckpt_every": _ONE, "log_every": _ONE, "dist_timeout_s": _ONE},
+                    "workers": _NONNEG, "ckpt_every": _ONE, "log_every": _ONE, "dist_timeout_s": _ONE,
+                    "threads": _NONNEG, "device": _device},
     "ViewParams": {"min_size": _ONE, "max_size": _ONE, "": _sizes},
     "CacheParams": {"views_per_image": _NONNEG, "batch_size": _ONE, "loader_workers": _NONNEG,
-                    "block_size": _ONE, "n_workers": _ONE, "seed": _NONNEG, "": _views},
+                    "block_size": _ONE, "n_workers": _ONE, "seed": _NONNEG, "device": _device, "": _views},
     "LocalCacheParams": {"max_gb": _POS},
     "CSKDParams": {"w_mse": _NONNEG, "w_cos": _NONNEG},
     "SSIMParams": {"window": _odd, "sigma": _POS},

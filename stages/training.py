@@ -30,13 +30,7 @@ from tqdm import tqdm
 
 from stages import distributed
 from stages.config import TrainParams
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+from stages.devices import resolve_device  # noqa: F401  (re-exported: callers import it from here)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):

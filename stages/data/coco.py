@@ -4,7 +4,8 @@
 is decoded) and raises `CocoDataError` with a one-line message naming the file or id and the fix:
 unreadable / malformed JSON, missing top-level keys (images, annotations, categories), malformed
 entries, duplicate image / annotation / category ids, an annotation whose category or image is
-unknown, and image files missing from `images_dir`.
+unknown, image files missing from `images_dir`, and file names that lead outside it (absolute, or
+with `..`). `check_readable()` checks every image's data is complete (cheaply, see there).
 
 Loading a sample (`load(image_id)`, `ds[idx]`) decodes the image fully with PIL (`.load()`, so a
 truncated or corrupt file raises `CocoDataError` naming it; LOAD_TRUNCATED_IMAGES is never set),
@@ -187,6 +188,10 @@ class CocoDataset:
             fname = img.get("file_name")
             if not isinstance(fname, str) or not fname:
                 raise self._err(f"image id {iid} has no 'file_name' string; fix the entry")
+            parts = fname.replace("\\", "/").split("/")
+            if fname.startswith(("/", "\\")) or Path(fname).is_absolute() or ".." in parts:
+                raise self._err(f"image id {iid}: file_name {fname!r} leads outside the image folder "
+                                f"{self.images_dir}; file names must be relative paths inside it (no leading /, no ..)")
             if iid in images:
                 raise self._err(
                     f"duplicate image id {iid} ({images[iid]['file_name']!r} and {fname!r}); image ids must be unique"
@@ -321,6 +326,24 @@ class CocoDataset:
         except OSError as err:
             raise CocoDataError(f"{path} (image id {image_id}): cannot read the image header ({err}); fix or remove it") from None
         return h, w
+
+    def check_readable(self) -> None:
+        """Every image's data is complete, checked up front (a truncated val image would otherwise
+        surface after a whole training run). Cheap: PNGs verify their chunk CRCs, JPEGs decode at
+        1/8 scale (DCT-scaled, yet every byte of the stream is read), other formats decode fully."""
+        for iid in self.image_ids:
+            path = self.image_path(iid)
+            try:
+                with Image.open(path) as im:
+                    if im.format == "PNG":
+                        im.verify()
+                    else:
+                        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                        im.load()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise CocoDataError(f"{path} (image id {iid} in {self.ann_file}): unreadable image ({reason}); "
+                                    "re-export or replace the file, or drop it from the annotations") from None
 
     def image_path(self, image_id: int) -> Path:
         return self.images_dir / self.image_info(image_id)["file_name"]
