@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args
 from stages import distributed
+from stages.devices import apply_threads
 from stages.distill.run import train_student
 
 
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = params_from_args(args)
     out = Path(args.out or Path(params.student.out_dir) / (args.experiment or "default"))
+    threads = apply_threads(params.train.threads)
     distributed.init_from_env(params.train.dist_timeout_s)
+    if distributed.is_main():
+        print(threads, flush=True)
     try:
         metrics = train_student(params, args.experiment or None, out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:

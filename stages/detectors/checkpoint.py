@@ -140,16 +140,17 @@ def _checked(tf: TeacherFile) -> TeacherFile:
     return tf
 
 
-def teacher_model_params(checkpoint: str | Path, fallback: ModelParams | None = None) -> dict[str, Any]:
+def teacher_model_params(checkpoint: str | Path, fallback: ModelParams | None = None,
+                         role: str = "teacher") -> dict[str, Any]:
     """The teacher's ModelParams as a dict, recognised from the file. Where `fallback` (params'
-    teacher.model) describes another architecture, one line on stderr says the file wins."""
+    `<role>.model`) describes another architecture, one line on stderr says the file wins."""
     tf = open_teacher(checkpoint, fallback)
     if fallback is not None:
         fields = [f for f in ARCH_FIELDS + ("variant",) if f != "reg_max" or tf.model.arch == "gfl"]
-        differ = [f"{f}={getattr(tf.model, f)!r} (teacher.model: {getattr(fallback, f)!r})"
+        differ = [f"{f}={getattr(tf.model, f)!r} ({role}.model: {getattr(fallback, f)!r})"
                   for f in fields if getattr(tf.model, f) != getattr(fallback, f)]
         if differ:
-            say(f"note: teacher {checkpoint} is a {tf.name} with {', '.join(differ)}; "
+            say(f"note: {role} {checkpoint} is a {tf.name} with {', '.join(differ)}; "
                 "using the checkpoint's architecture")
     return to_dict(tf.model)
 
@@ -197,9 +198,10 @@ def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
 
 
 def load_mapped_teacher(checkpoint: str | Path, fallback: ModelParams, categories: list[dict],
-                        ann_file: str | Path) -> tuple[Detector, dict, LabelMap]:
-    """(teacher predicting the dataset's categories, its arch dict, the label map), refusals first."""
-    arch = teacher_model_params(checkpoint, fallback)
+                        ann_file: str | Path, role: str = "teacher") -> tuple[Detector, dict, LabelMap]:
+    """(teacher predicting the dataset's categories, its arch dict, the label map), refusals first.
+    `role` names the checkpoint's kind in notes (evaluate also loads students this way)."""
+    arch = teacher_model_params(checkpoint, fallback, role)
     lmap = teacher_label_map(checkpoint, categories, ann_file, fallback)
     return load_teacher(checkpoint, arch, len(lmap.index), lmap.index), arch, lmap
 
