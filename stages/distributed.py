@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from stages.devices import resolve_device
+
 DEFAULT_TIMEOUT_S = 300
 
 
@@ -91,8 +93,6 @@ def shutdown() -> None:
 
 def local_device(spec: str) -> torch.device:
     """The device of this process: under torchrun with CUDA, cuda:LOCAL_RANK."""
-    from stages.training import resolve_device
-
     device = resolve_device(spec)
     if device.type == "cuda" and device.index is None and world() > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
