@@ -225,6 +225,8 @@ class CrossKDParams:
 class RMParams:
     scores: Literal["logits", "probs"] = "logits"  # what the rank softmax runs over (see losses/rank_mimic)
     temperature: float = 1.0
+    # L_RM's 1/M: every GT object (the paper's M; one-candidate GTs add KL 0) or only GTs with >= 2 candidates
+    mean_over: Literal["objects", "ranked"] = "objects"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def kl_softmax(p_scores, q_scores):
 
 
 def candidates():
-    # image 0 (no padding): GT0 three candidates, GT1 one (ignored: < 2)
+    # image 0 (no padding): GT0 three candidates, GT1 one (KL 0: counts in the paper's M only)
     # image 1 (20x36): cell (0, 6) of P3 (index 6) is padding -> dropped; (1, 1) = index 9 is valid
     return [
         [(torch.tensor([0, 1, 5]), torch.tensor([0.9, 0.5, 0.1])), (torch.tensor([3]), torch.tensor([0.8]))],
@@ -42,18 +42,48 @@ def test_rank_mimic_by_hand():
     def logit(p):
         return math.log(p / (1 - p))
 
-    # default: softmax over logits (teacher probabilities mapped back through the logit), T = 1
-    expect = (kl_softmax([logit(p) for p in (0.9, 0.5, 0.1)], [logits[0, i, 0].item() for i in (0, 1, 5)])
-              + kl_softmax([logit(p) for p in (0.7, 0.4)], [logits[1, i, 1].item() for i in (0, 9)])) / 2
-    assert math.isclose(got.item(), expect, rel_tol=1e-5)
+    # default: softmax over logits (teacher probabilities mapped back through the logit), T = 1;
+    # the paper's 1/M over all M = 3 GT objects (GT1 of image 0 has one candidate: KL 0)
+    kls = (kl_softmax([logit(p) for p in (0.9, 0.5, 0.1)], [logits[0, i, 0].item() for i in (0, 1, 5)])
+           + kl_softmax([logit(p) for p in (0.7, 0.4)], [logits[1, i, 1].item() for i in (0, 9)]))
+    assert math.isclose(got.item(), kls / 3, rel_tol=1e-5)
     got.backward()
     assert grads_finite(student.cls_logits)
+    # mean_over="ranked": only the 2 GTs with >= 2 candidates count
+    ranked = RankMimicLoss(3, mean_over="ranked")(student, teacher, gt_targets())["rank"]
+    assert math.isclose(ranked.item(), kls / 2, rel_tol=1e-5)
     # scores="probs": the old softmax over probabilities; temperature divides both sides
     probs = logits.sigmoid()
     got = RankMimicLoss(3, scores="probs", temperature=0.5)(student, teacher, gt_targets())["rank"]
     expect = (kl_softmax([p / 0.5 for p in (0.9, 0.5, 0.1)], [probs[0, i, 0].item() / 0.5 for i in (0, 1, 5)])
-              + kl_softmax([p / 0.5 for p in (0.7, 0.4)], [probs[1, i, 1].item() / 0.5 for i in (0, 9)])) / 2
+              + kl_softmax([p / 0.5 for p in (0.7, 0.4)], [probs[1, i, 1].item() / 0.5 for i in (0, 9)])) / 3
     assert math.isclose(got.item(), expect, rel_tol=1e-5)
+
+
+def test_rank_mimic_mean_over_objects_of_the_paper():
+    """L_RM = 1/M sum_j KL_j, M = the number of objects: in a batch where 1 of 4 GTs has a single candidate,
+    the paper's mean is 3/4 of the mean over ranked GTs alone."""
+    student = student_output(grad=False)
+    teacher = teacher_targets()
+    gts = [{"boxes": torch.zeros(3, 4), "labels": torch.tensor([0, 1, 2])},
+           {"boxes": torch.zeros(1, 4), "labels": torch.tensor([1])}]
+    teacher.candidates = [[(torch.tensor([0, 1]), torch.tensor([0.9, 0.1])), (torch.tensor([2, 3]), torch.tensor([0.3, 0.6])),
+                           (torch.tensor([4]), torch.tensor([0.8]))],
+                          [(torch.tensor([0, 9, 10]), torch.tensor([0.2, 0.5, 0.7]))]]
+    logits = flatten_levels([m for m in student.cls_logits], 3)
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    kls = [kl_softmax([logit(0.9), logit(0.1)], [logits[0, i, 0].item() for i in (0, 1)]),
+           kl_softmax([logit(0.3), logit(0.6)], [logits[0, i, 1].item() for i in (2, 3)]),
+           kl_softmax([logit(p) for p in (0.2, 0.5, 0.7)], [logits[1, i, 1].item() for i in (0, 9, 10)])]
+    paper = RankMimicLoss(3)(student, teacher, gts)["rank"].item()
+    ranked = RankMimicLoss(3, mean_over="ranked")(student, teacher, gts)["rank"].item()
+    assert math.isclose(paper, sum(kls) / 4, rel_tol=1e-5)
+    assert math.isclose(ranked, sum(kls) / 3, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="mean_over"):
+        RankMimicLoss(3, mean_over="gts")
 
 
 def test_rank_mimic_zero_when_scores_match_and_order_kept():

@@ -5,8 +5,8 @@ RM (paper weight 4): per GT, the teacher's assigner picked candidate anchors M a
 the GT's class (`teacher.candidates[b][g] = (index [M] into the flattened anchors, scores [M])`).
 The student scores the SAME anchors at the same class; the loss is
 KL(softmax(z_t / T) || softmax(z_s / T)) over the candidates, anchor by anchor (no sorting: the
-point is to keep the teacher's ranking of each anchor), mean over the batch's GTs with at least 2
-candidates on valid cells (candidates on padded cells are dropped). The indices address
+point is to keep the teacher's ranking of each anchor), averaged over the batch's GT objects (see the
+table; candidates on padded cells are dropped). The indices address
 `flatten_levels` order, so student and teacher need the same anchors per location.
 z (`rm.scores`): "logits" (default) = the pre-sigmoid class scores (the cache stores the teacher's
 sigmoid probability p; z_t = log(p / (1 - p)), p clamped to [1e-6, 1 - 1e-6]); "probs" = the
@@ -17,8 +17,15 @@ because a softmax over probabilities cannot express the teacher's ranking sharpl
 
 | paper term | here         | weight (caller)   | normaliser                 |
 |------------|--------------|-------------------|----------------------------|
-| L_RM       | rm/rank      | 4                 | number of GTs (>= 2 candidates) |
+| L_RM       | rm/rank      | 4                 | M = every GT object of the batch (`rm.mean_over: objects`) |
 | L_PFI      | pfi/fpn      | 1.5               | mean over valid cells per level, mean over levels |
+Why M counts every GT: the paper writes L_RM = 1/M sum_{j=1..M} sum_i P^t_ij log(P^t_ij / P^s_ij) with
+M the number of objects; nothing in the formula drops an object, and an object with one candidate
+has the same one-point distribution on both sides, so its KL is exactly 0 and it only enters M (as
+does an object whose candidates all lie on padding, or one the assigner gave no candidate). The text
+does not discuss such objects, so the other reading is a named option: `mean_over: "ranked"` averages
+over the GTs with >= 2 candidates on valid cells only (an earlier behaviour of this module), which is
+M / M_ranked times larger, e.g. 4/3 when 1 of 4 GTs has a single candidate.
 
 PFI (paper weight 1.5): per level and valid cell, the weight P = mean over the A*K class channels of
 (student prob - teacher prob)^2 (detached: a guide, not a target; per-location max over anchors when
@@ -47,16 +54,22 @@ def rank_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
 
 
 PROB_EPS = 1e-6
+# what L_RM's 1/M counts: every GT object (the paper's M) or only GTs with >= 2 candidates
+MEAN_OVER = ("objects", "ranked")
 
 
 class RankMimicLoss(nn.Module):
     name = "rm"
 
-    def __init__(self, num_classes: int, scores: str = "logits", temperature: float = 1.0):
+    def __init__(self, num_classes: int, scores: str = "logits", temperature: float = 1.0,
+                 mean_over: str = "objects"):
         super().__init__()
         if scores not in ("logits", "probs") or temperature <= 0:
             raise ValueError(f"rm: scores must be logits|probs and temperature > 0, got {scores!r}, {temperature}")
+        if mean_over not in MEAN_OVER:
+            raise ValueError(f"rm: mean_over must be one of {MEAN_OVER}, got {mean_over!r}")
         self.num_classes = num_classes
+        self.over_all_objects = mean_over == "objects"
         self.use_logits, self.temperature = scores == "logits", temperature
 
     def needs(self) -> set[str]:
@@ -71,11 +84,12 @@ class RankMimicLoss(nn.Module):
         anchor_valid = flatten_levels([v.expand(-1, num_anchors, -1, -1) for v in valid], 1)[..., 0] > 0
         if len(teacher.candidates) != logits.shape[0]:
             raise ValueError(f"rm: candidates for {len(teacher.candidates)} images, batch has {logits.shape[0]}")
-        terms = []
+        terms, num_objects = [], 0
         for b, per_gt in enumerate(teacher.candidates):
             labels = targets[b]["labels"]
             if len(per_gt) != len(labels):
                 raise ValueError(f"rm: image {b} has candidates for {len(per_gt)} GTs but {len(labels)} GT boxes")
+            num_objects += len(labels)
             for (index, t_scores), label in zip(per_gt, labels.tolist()):
                 index = index.to(logits.device).long()
                 if index.numel() and int(index.max()) >= logits.shape[1]:
@@ -93,9 +107,9 @@ class RankMimicLoss(nn.Module):
                 else:
                     s_z = s_z.sigmoid()
                 terms.append(rank_kl(t_z / self.temperature, s_z / self.temperature))
-        if not terms:
+        if not terms:  # no object with >= 2 candidates: every KL is 0 under either reading
             return {"rank": logits.new_zeros(())}
-        return {"rank": torch.stack(terms).mean()}
+        return {"rank": torch.stack(terms).sum() / (num_objects if self.over_all_objects else len(terms))}
 
 
 class PFILoss(nn.Module):

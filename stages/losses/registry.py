@@ -169,7 +169,7 @@ def _build_one(name: str, ctx: LossContext, distill: DistillParams) -> nn.Module
                            ctx.teacher_head_channels, ctx.reg_max, gfl_giou=distill.crosskd.gfl_giou,
                            assign=ctx.assign)
     if name == "rm":
-        return RankMimicLoss(ctx.num_classes, distill.rm.scores, distill.rm.temperature)
+        return RankMimicLoss(ctx.num_classes, distill.rm.scores, distill.rm.temperature, distill.rm.mean_over)
     if name == "pfi":
         return PFILoss(ctx.student_channels, ctx.teacher_channels, ctx.num_classes)
     raise AssertionError(name)
