@@ -7,6 +7,7 @@ processes). Concurrency is real: several spawned processes open the same objects
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -17,6 +18,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from stores.local_cache import LocalCacheError, LocalObjectCache
+from tests.s3_server import s3_root, s3_server  # noqa: F401  (fixtures)
 
 
 class CountingFileSystem(LocalFileSystem):
@@ -166,3 +168,53 @@ def test_a_failed_fetch_leaves_nothing_behind(tmp_path, remote):
     assert list((tmp_path / "scratch" / "objects").iterdir()) == []
     good, log = make_cache(tmp_path)
     assert good.read(remote[0]) == body(remote[0]) and len(gets(log)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the same through a real S3 API (moto's server on 127.0.0.1): GETs counted by the filesystem
+
+def _counting_s3(log: str):
+    from s3fs import S3FileSystem
+
+    class CountingS3(S3FileSystem):
+        async def _get_file(self, rpath, lpath, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{rpath}\n")
+            return await super()._get_file(rpath, lpath, **kwargs)
+
+    return CountingS3(skip_instance_cache=True, use_listings_cache=False)
+
+
+def _s3_reader(scratch: str, log: str, env: dict, urls: list[str], start, out):
+    os.environ.update(env)  # the spawned process finds the server as any AWS client would
+    cache = LocalObjectCache(scratch, 1 << 20, fs=_counting_s3(log))
+    start.wait()
+    out.put([google_crc32c.value(cache.read(u)) for u in urls])
+
+
+def test_concurrent_processes_fetch_each_s3_object_once(tmp_path, s3_root, s3_server, caplog):  # noqa: F811
+    caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server logs each request it answers
+    from tests.s3_server import s3_fs
+
+    fs = s3_fs()
+    bodies = {f"{s3_root}/wds/shard-{i:06d}.tar": os.urandom(2000 + 1000 * i) for i in range(3)}
+    for url, data in bodies.items():
+        fs.pipe_file(url, data)
+    log = tmp_path / "gets.log"
+    urls = list(bodies)
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_s3_reader, args=(str(tmp_path / "scratch"), str(log), s3_server.env(),
+                                                  urls[k:] + urls[:k], start, out)) for k in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for r in results:  # each process read every object, in its own order, with the right bytes
+        assert sorted(r) == sorted(google_crc32c.value(b) for b in bodies.values())
+    keys = sorted(u.removeprefix("s3://") for u in urls)
+    assert sorted(g.removeprefix("s3://").lstrip("/") for g in gets(log)) == keys, "three processes, three objects: three GETs"
+    served = [r.getMessage() for r in caplog.records if r.name == "werkzeug" and '"GET /' in r.getMessage()]
+    assert sorted(m.split('"GET /', 1)[1].split(" ", 1)[0] for m in served) == keys, "the server saw three GETs"
