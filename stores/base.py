@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import json
 import re
 import shutil
 from abc import ABC, abstractmethod
@@ -45,6 +46,7 @@ from stores.records import (  # noqa: F401  (re-exported: the record API predate
     unpack_record,
     wanted_families,
 )
+from stores.url import as_path, is_remote, remove_tree, write_new
 
 REBUILD = "python -m pipeline.cache_teacher"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,7 +70,12 @@ class StoreReadError(StoreError):
 
 @contextlib.contextmanager
 def root_lock(root: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``<root>/.lock`` (store creation, manifest checks)."""
+    """Exclusive inter-process lock on ``<root>/.lock`` (store creation, manifest checks) on a local
+    disk. An object store has no locks: there every creation step is a conditional or idempotent
+    write (`ensure_manifest`, `stores.zarr_layout`), and none is taken."""
+    if is_remote(root):
+        yield
+        return
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -81,6 +88,9 @@ def root_lock(root: Path) -> Iterator[None]:
 def ensure_manifest(root: Path, manifest: Manifest) -> None:
     """Write `manifest` into a new cache folder, or check an existing one against it."""
     path = root / MANIFEST_NAME
+    if is_remote(root):  # no lock: create-if-absent, and whoever lost the race checks the winner's
+        if write_new(path, json.dumps(manifest.to_dict(), indent=1, sort_keys=True).encode()):
+            return
     if path.exists():
         existing = Manifest.load(path)
         check_compatible(existing, manifest, root)
@@ -121,11 +131,11 @@ def load_codec_bases(root: Path, manifest: Manifest) -> CacheBases | None:
     want = manifest.statics.get(BASIS_STATIC)
     if not want:
         return None
-    path = Path(root) / "static" / f"{BASIS_STATIC}.npz"
+    path = as_path(root) / "static" / f"{BASIS_STATIC}.npz"
     if path.exists() and sha256_file(path) != want:
         raise StoreReadError(f"{path} does not match the sha256 its manifest records (damaged or replaced): the "
                              f"cache's cpca feature maps cannot be decoded without it; rebuild with {REBUILD} --overwrite")
-    return CacheBases(read_static(Path(root), BASIS_STATIC))
+    return CacheBases(read_static(as_path(root), BASIS_STATIC))
 
 
 def read_static(root: Path, name: str) -> dict[str, np.ndarray]:
@@ -137,7 +147,7 @@ def read_static(root: Path, name: str) -> dict[str, np.ndarray]:
             f"rebuild the cache with {REBUILD} with that target enabled"
         )
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as err:
         raise StoreReadError(
@@ -153,6 +163,9 @@ def _write_failure(what: str, root: Path, err: OSError, finished: int | None) ->
 
 
 def remove_path(path: Path) -> None:
+    if is_remote(path):
+        remove_tree(path)
+        return
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -175,7 +188,7 @@ class CacheWriter(ABC):
     format: str = ""
 
     def __init__(self, path: str | Path, manifest: Manifest):
-        self.root = Path(path)
+        self.root = as_path(path)
         self.manifest = manifest
         try:
             with root_lock(self.root):
@@ -259,7 +272,7 @@ class CacheReader(ABC):
     format: str = ""
 
     def __init__(self, path: str | Path):
-        self.root = Path(path)
+        self.root = as_path(path)
         self.manifest: Manifest = load_manifest(self.root)
         self._index = self.manifest.record_index()
         self._completed: set[int] = set()

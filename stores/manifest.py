@@ -29,10 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stores.url import as_path, is_remote, remove_tree
 
 SCHEMA_VERSION = 2  # 2: dataset content per block (block_fingerprints), categories in the fingerprint
 MANIFEST_NAME = "manifest.json"
@@ -169,13 +172,13 @@ class Manifest:
         )
 
     def save(self, path: str | Path) -> None:
-        """Atomic JSON write (temp file in the same folder, then os.replace)."""
-        path = Path(path)
+        """Whole-object JSON write (temp file + os.replace on disk, one PUT on an object store)."""
+        path = as_path(path)
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, sort_keys=True).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        path = Path(path)
+        path = as_path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -250,12 +253,12 @@ class NotAStoreError(ValueError):
 
 
 def _own_entry(name: str) -> bool:
-    return name in STORE_ENTRIES or (name.startswith(".") and ".tmp-" in name)
+    return name in STORE_ENTRIES or (name.startswith(".") and (".tmp-" in name or name.startswith(".kdcache-probe-")))
 
 
 def foreign_entries(root: str | Path) -> list[str]:
     """Names in `root` that a kdcache store never writes (sorted); [] for a missing folder."""
-    root = Path(root)
+    root = as_path(root)
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if not _own_entry(p.name))
@@ -263,7 +266,7 @@ def foreign_entries(root: str | Path) -> list[str]:
 
 def is_store(root: str | Path) -> bool:
     """`root` holds a kdcache manifest (readable, or unreadable beside a format folder)."""
-    root = Path(root)
+    root = as_path(root)
     path = root / MANIFEST_NAME
     if not path.is_file():
         return False
@@ -276,9 +279,9 @@ def is_store(root: str | Path) -> bool:
 
 def check_cache_folder(root: str | Path, *, overwrite: bool) -> None:
     """Refuse, in one line, to write a new cache into (or, with `overwrite`, to delete) a folder that
-    is not a kdcache store holding nothing else. Missing and empty folders are always fine."""
-    root = Path(root)
-    if root.is_symlink() and overwrite:
+    is not a kdcache store holding nothing else. Missing and empty folders (prefixes) are always fine."""
+    root = as_path(root)
+    if not is_remote(root) and root.is_symlink() and overwrite:
         raise NotAStoreError(f"cache.path {root} is a symlink: --overwrite removes only a real cache folder; "
                              "point cache.path at the folder itself")
     if root.exists() and not root.is_dir():
@@ -309,30 +312,49 @@ def remove_store(root: str | Path) -> None:
     entries a store holds are removed, then the (then empty) folder itself."""
     import shutil
 
-    root = Path(root)
+    root = as_path(root)
     check_cache_folder(root, overwrite=True)
-    if not root.exists():
+    if not root.exists() or not is_store(root):  # no kdcache manifest: nothing here is provably ours
+        return
+    if is_remote(root):  # a prefix has no folder to remove: delete the store's entries, object by object
+        for p in root.iterdir():
+            if _removable(p.name):
+                remove_tree(p)
         return
     for p in root.iterdir():
-        if _own_entry(p.name):
+        if _removable(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink()
-    root.rmdir()  # fails (OSError) rather than deleting anything that appeared meanwhile
+    if not any(root.iterdir()):  # a hidden file kdcache did not name is kept, and its folder with it
+        root.rmdir()
+
+
+# the temp names kdcache itself writes: atomic_write_bytes' `.<name>.tmp-<pid>-<random>` and a zarr
+# store's `.zarr.tmp-<pid>`; another hidden `*.tmp-*` name is not proof that kdcache wrote it
+_OWN_TEMP = re.compile(r"^\.(manifest\.json|zarr|wds)\.tmp-\d+(-[A-Za-z0-9_]+)?$|^\.kdcache-probe-")
+
+
+def _removable(name: str) -> bool:
+    return name in STORE_ENTRIES or bool(_OWN_TEMP.match(name))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write `data` to a temp file next to `path`, then os.replace: readers see old or new, never half."""
-    path = Path(path)
+    """Write `data` to a temp file next to `path`, then os.replace: readers see old or new, never half.
+    On an object store (`stores.url`): one PUT, which is as atomic."""
+    path = as_path(path)
+    if is_remote(path):
+        path.fs.pipe_file(path.path, bytes(data))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:

@@ -26,6 +26,7 @@ from stores.base import (
     select_names,
     unpack_record,
 )
+from stores.url import as_path, explain_error, is_url, open_shard
 
 META_MEMBER = "meta.json"
 BLOB_SUFFIX = ".msgpack"
@@ -72,12 +73,14 @@ _SIDECARS: dict[str, tuple[tuple, dict, dict]] = {}  # shard path -> ((size, mti
 def _stream_digests(url: str) -> tuple[dict, dict]:
     """(sidecar, record key -> digest entry) of the shard at `url`, checked once per process:
     the sidecar exists and the tar has the size it records (a truncated shard is named here)."""
-    path = Path(url)
+    path = as_path(url)
     try:
         st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
+        stamp = (st.st_size, getattr(st, "st_mtime_ns", None) or getattr(st, "st_mtime", 0))
+    except FileNotFoundError:
         stamp = (-1, 0)
+    except Exception as err:  # an object store that does not answer (after its client's retries)
+        raise StoreReadError(explain_error(str(url), err, "cannot read shard") + "; rerun when the store answers") from None
     hit = _SIDECARS.get(url)
     if hit is not None and hit[0] == stamp:  # a shard rewritten by a repair run is checked afresh
         return hit[1], hit[2]
@@ -154,7 +157,7 @@ def iter_shard_samples(url: str | Path, targets: Iterable[str] | None = None) ->
     fix = f"delete it and rerun {REBUILD} to rewrite this block"
     wanted = _member_filter(targets)
     try:
-        with open(url, "rb") as f:
+        with open_shard(url) as f:
             for key, parts in _record_spans(members):
                 sample = {"__key__": key, "__url__": url}
                 for suffix, offset, size in parts:
@@ -167,6 +170,8 @@ def iter_shard_samples(url: str | Path, targets: Iterable[str] | None = None) ->
                     sample[suffix] = data
                 yield sample
     except (OSError, EOFError) as err:
+        if is_url(url) and not isinstance(err, EOFError | FileNotFoundError):
+            raise StoreReadError(explain_error(url, err, "cannot read shard") + "; rerun when the store answers") from None
         raise StoreReadError(f"shard {url} is truncated or unreadable ({err}); {fix}") from None
 
 

@@ -51,6 +51,7 @@ from stores.base import (
 )
 from stores.codecs import BlobDecodeError
 from stores.manifest import CacheMismatchError, atomic_write_bytes
+from stores.url import abort_uploads, as_path, is_remote, open_shard, read_range, write_whole
 from stores.wds_shards import (  # noqa: F401  (re-exported: callers import them from stores.wds_store)
     BLOB_SUFFIX,
     META_MEMBER,
@@ -79,9 +80,7 @@ def _end_marker_ok(path: Path, members: list[tuple[int, int]]) -> bool:
     if members:
         off, size = max(members)
         end = off + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read(2 * tarfile.BLOCKSIZE)
+    tail = read_range(path, end, end + 2 * tarfile.BLOCKSIZE)
     return tail == bytes(2 * tarfile.BLOCKSIZE)
 
 
@@ -100,7 +99,8 @@ class WdsCacheWriter(CacheWriter):
 
     def _open_store(self) -> None:
         self.store = self.root / SUBDIR
-        self.store.mkdir(parents=True, exist_ok=True)
+        if not is_remote(self.store):
+            self.store.mkdir(parents=True, exist_ok=True)
         for side in sorted(self.store.glob("shard-*.json"))[:1]:
             try:
                 digest = json.loads(side.read_text()).get("fingerprint_digest")
@@ -125,8 +125,12 @@ class WdsCacheWriter(CacheWriter):
         return self.store / f"shard-{block:06d}.tar.tmp-{os.getpid()}"
 
     def _write_block(self, block: int, records: list[EncodedRecord], digests: dict) -> None:
+        # on disk the tar is written to a temp name and renamed (the rename is the done marker); on an
+        # object store it is built in memory and PUT whole (the PUT is): the sidecar goes first
+        remote = is_remote(self.store)
         tmp = self._tmp_path(block)
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (io.BytesIO() if remote else open(tmp, "wb")) as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for rec in records:
                 key = record_key(rec.image_id, rec.view)
                 data = meta_bytes(rec.meta)
@@ -134,18 +138,28 @@ class WdsCacheWriter(CacheWriter):
                 for name in sorted(rec.blobs):
                     blob = rec.blobs[name]
                     tar.addfile(_tarinfo(f"{key}.{name}{BLOB_SUFFIX}", len(blob)), io.BytesIO(blob))
+            if remote:
+                tar.close()
+                data = f.getvalue()
         members = {}
-        with tarfile.open(tmp, mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") if remote else tarfile.open(tmp, mode="r:") as tar:
             for m in tar.getmembers():
                 members[m.name] = [m.offset_data, m.size]
         crcs = {(r.image_id, r.view): member_crcs(meta_bytes(r.meta), r.blobs) for r in records}
         entries = [{**e, **crcs[(e["image_id"], e["view"])]} for e in digests.get("records", [])]
-        sidecar = {**digests, "records": entries, "tar_bytes": tmp.stat().st_size, "members": members}
+        size = len(data) if remote else tmp.stat().st_size
+        sidecar = {**digests, "records": entries, "tar_bytes": size, "members": members}
         atomic_write_bytes(sidecar_path(self.store, block), json.dumps(sidecar, sort_keys=True).encode())
-        os.replace(tmp, shard_path(self.store, block))  # the rename is the done marker
+        if remote:
+            write_whole(shard_path(self.store, block), data)  # one PUT: the shard appears whole or not at all
+        else:
+            os.replace(tmp, shard_path(self.store, block))  # the rename is the done marker
 
     def _discard_block(self, block: int) -> None:
         try:
+            if is_remote(self.store):  # an upload cut off mid-way: abort it (no temp file exists)
+                abort_uploads(self.store, lambda key: key.endswith(shard_path(self.store, block).name))
+                return
             remove_path(self._tmp_path(block))
         except OSError:
             pass
@@ -155,7 +169,7 @@ class WdsCacheReader(CacheReader):
     format = SUBDIR
 
     def __init__(self, path: str | Path, verify_checksums: bool = True):
-        self.store = Path(path) / SUBDIR
+        self.store = as_path(path) / SUBDIR
         self.verify_checksums = verify_checksums
         self._sidecars: dict[int, dict] = {}
         super().__init__(path)
@@ -202,7 +216,7 @@ class WdsCacheReader(CacheReader):
             return side["members"]
         path = shard_path(self.store, block)  # no sidecar: scan the tar headers
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with open_shard(str(path)) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 members = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
             complete = _end_marker_ok(path, [tuple(v) for v in members.values()])
         except (tarfile.TarError, OSError, EOFError) as err:
@@ -226,18 +240,20 @@ class WdsCacheReader(CacheReader):
         names = select_names(names, targets)
         digests = self._record_digests(b, image_id, view) if self.verify_checksums else None
         blobs = {}
-        try:
-            with open(path, "rb") as f:
-                f.seek(mine[META_MEMBER][0])
-                meta_raw = f.read(mine[META_MEMBER][1])
-                for name in names:
-                    off, size = mine[name + BLOB_SUFFIX]
-                    f.seek(off)
-                    blobs[name] = f.read(size)
-                    if len(blobs[name]) != size:
-                        raise StoreReadError(f"shard {path} is truncated at member {key}.{name}; {self._fix(path)}")
-        except OSError as err:
-            raise StoreReadError(f"cannot read shard {path} ({err}); {self._fix(path)}") from None
+        spans = [mine[META_MEMBER]] + [mine[n + BLOB_SUFFIX] for n in names]
+        lo, hi = min(o for o, _ in spans), max(o + n for o, n in spans)
+        try:  # a record's members are contiguous in its shard: one (ranged) read for all of them
+            data = read_range(path, lo, hi)
+        except Exception as err:
+            hint = self._fix(path) if isinstance(err, OSError) and not is_remote(path) else \
+                "check the object store (AWS_ENDPOINT_URL, network) and rerun"
+            raise StoreReadError(f"cannot read shard {path} ({type(err).__name__}: {str(err)[:160]}); {hint}") from None
+        meta_raw = data[mine[META_MEMBER][0] - lo : mine[META_MEMBER][0] - lo + mine[META_MEMBER][1]]
+        for name in names:
+            off, size = mine[name + BLOB_SUFFIX]
+            blobs[name] = data[off - lo : off - lo + size]
+            if len(blobs[name]) != size:
+                raise StoreReadError(f"shard {path} is truncated at member {key}.{name}; {self._fix(path)}")
         if digests is not None:
             sha = digests.get("sha256", {})
             for name, blob in blobs.items():
@@ -270,7 +286,7 @@ class WdsCacheReader(CacheReader):
 
     def iter_encoded(self, shards: Iterable[str | Path] | None = None) -> Iterator[EncodedRecord]:
         """Stream the records of `shards` (default: every completed shard, in block order)."""
-        paths = [Path(p) for p in shards] if shards is not None else [Path(p) for p in self.shard_paths()]
+        paths = [as_path(p) for p in shards] if shards is not None else [as_path(p) for p in self.shard_paths()]
         for path in paths:
             yield from self._iter_shard(path)
 
@@ -297,7 +313,7 @@ class WdsCacheReader(CacheReader):
         current: dict | None = None
         spans: list[tuple[int, int]] = []
         try:
-            with tarfile.open(path, mode="r|") as tar:
+            with open_shard(str(path)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import google_crc32c  # zarr's own crc32c implementation (its Crc32cCodec uses it)
 
+from stores.url import explain_error, is_remote, read_range
+
 # The shard codec configuration `_create_vlen` writes. Arrays whose zarr.json says exactly this are
 # read by `_ShardFiles` (the file bytes, checked with the same crc32c as zarr); any other is read by zarr.
 _SHARD_CODECS = [{
@@ -36,7 +38,12 @@ def _crc_ok(data: bytes) -> bool:
     return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
-def read_inner_chunk(path: Path, i: int, chunks_per_shard: int) -> bytes:
+class ShardUnreachable(OSError):
+    """A shard object could not be fetched from its object store (retries exhausted): not damage.
+    The message names the object and the fix."""
+
+
+def read_inner_chunk(path: Path, i: int, chunks_per_shard: int, indexes: dict | None = None) -> bytes:
     """Element `i` of the one-record inner chunk `i` of a sharded variable-length-bytes shard file.
 
     Why not zarr: a zarr read costs ~1 ms of fixed overhead per array (event loop round trip, codec
@@ -45,7 +52,13 @@ def read_inner_chunk(path: Path, i: int, chunks_per_shard: int) -> bytes:
     of (offset, nbytes) uint64 little-endian pairs plus its crc32c at the end; each chunk is
     numcodecs vlen-bytes (uint32 count, uint32 length, bytes) plus its crc32c) and checks both
     checksums; anything unexpected raises `_NotFast` so that zarr itself reads (and reports) it.
-    tests/test_zarr_store.py checks it against zarr's own reads."""
+    tests/test_zarr_store.py checks it against zarr's own reads.
+
+    On an object store (`path` a URL path) it makes ranged GETs: the shard index once per shard
+    (kept in `indexes`, a reader's dict; a shard rewritten later fails the chunk's crc and is read
+    by zarr), then the record's chunk: one GET per record and array."""
+    if is_remote(path):
+        return _read_remote(path, i, chunks_per_shard, indexes if indexes is not None else {})
     n_index = 16 * chunks_per_shard + 4
     try:
         with open(path, "rb") as f:
@@ -67,9 +80,53 @@ def read_inner_chunk(path: Path, i: int, chunks_per_shard: int) -> bytes:
         return b""  # zarr reads a missing shard as fill values too
     except OSError as err:
         raise _NotFast from err
+    return _element(chunk, nbytes)
+
+
+def _element(chunk: bytes, nbytes: int) -> bytes:
     if not _crc_ok(chunk):
         raise _NotFast
     count, length = struct.unpack_from("<II", chunk, 0)
     if count != 1 or 8 + length != nbytes - 4:
         raise _NotFast
     return chunk[8 : 8 + length]
+
+
+def _fetch(path, start: int, end: int | None) -> bytes:
+    try:
+        return read_range(path, start, end)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # botocore / aiohttp errors after s3fs's retries
+        raise ShardUnreachable(explain_error(str(path), err, "cannot read shard object")
+                               + " (retried); rerun when the store answers") from None
+
+
+def _read_remote(path, i: int, chunks_per_shard: int, indexes: dict) -> bytes:
+    n_index = 16 * chunks_per_shard + 4
+    key = str(path)
+    index = indexes.get(key)
+    try:
+        if index is None:
+            index = _fetch(path, -n_index, None)  # the object's tail: Range: bytes=-N
+            if len(index) != n_index or not _crc_ok(index):
+                raise _NotFast
+            if len(indexes) > 256:
+                indexes.clear()
+            indexes[key] = index
+        offset, nbytes = struct.unpack_from("<QQ", index, 16 * i)
+        if offset == _EMPTY and nbytes == _EMPTY:
+            return b""
+        if nbytes < 12:
+            raise _NotFast
+        chunk = _fetch(path, offset, offset + nbytes)
+    except FileNotFoundError:
+        return b""
+    if len(chunk) != nbytes:
+        indexes.pop(key, None)
+        raise _NotFast
+    try:
+        return _element(chunk, nbytes)
+    except _NotFast:
+        indexes.pop(key, None)  # a shard rewritten since its index was read: zarr reads it afresh
+        raise

@@ -45,18 +45,14 @@ done markers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, VLenBytesCodec
-from zarr.core.dtype import VariableLengthBytes
 
 from stores.base import (
     REBUILD,
@@ -73,65 +69,33 @@ from stores.base import (
     wanted_families,
 )
 from stores.manifest import CacheMismatchError, atomic_write_bytes
-from stores.zarr_shards import _SHARD_CODECS, _NotFast, read_inner_chunk  # noqa: F401  (re-exported)
+from stores.url import as_path, is_remote
+from stores.zarr_layout import (  # noqa: F401  (marker_path, LAYOUT, SUBDIR re-exported)
+    LAYOUT,
+    SUBDIR,
+    abort_block_uploads,
+    block_objects,
+    create_store,
+    marker_path,
+    quiet,
+    require_family,
+    scan_markers,
+    store_attrs,
+    zarr_url,
+)
+from stores.zarr_shards import _SHARD_CODECS, ShardUnreachable, _NotFast, read_inner_chunk  # noqa: F401
 
 try:  # zarr's async core lets one record's arrays be read concurrently
     from zarr.core.sync import sync as _zarr_sync
 except ImportError:  # pragma: no cover - other zarr layouts
     _zarr_sync = None
 
-try:
-    from zarr.errors import UnstableSpecificationWarning
-except ImportError:  # pragma: no cover
-    UnstableSpecificationWarning = UserWarning
 
+_quiet = quiet  # the zarr reads below silence the same warning
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence zarr's warning that variable-length bytes have no ratified v3 spec (see above)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnstableSpecificationWarning)
-        yield
-
-LAYOUT = "kdcache-zarr-family-vlen-sharded-v1"
-SUBDIR = "zarr"
-
-# the direct shard reads (`read_inner_chunk`, the codec layout they expect) live in stores.zarr_shards
-
-
-def _vlen_array(group: zarr.Group, name: str, n: int, block_size: int) -> zarr.Array:
-    with _quiet():
-        return _create_vlen(group, name, n, block_size)
-
-
-def _create_vlen(group: zarr.Group, name: str, n: int, block_size: int) -> zarr.Array:
-    return group.create_array(
-        name,
-        shape=(n,),
-        dtype=VariableLengthBytes(),
-        shards=(block_size,),
-        chunks=(1,),
-        serializer=VLenBytesCodec(),
-        compressors=[Crc32cCodec()],  # blobs are compressed already; the crc catches corruption
-        fill_value=b"",
-    )
-
-
-def marker_path(store: Path, block: int) -> Path:
-    return store / "done" / f"block-{block:06d}.json"
-
-
-def _scan_markers(store: Path) -> set[int]:
-    done = store / "done"
-    if not done.exists():
-        return set()
-    out = set()
-    for p in done.glob("block-*.json"):
-        try:
-            out.add(int(p.stem.split("-", 1)[1]))
-        except ValueError:
-            continue
-    return out
+# the direct shard reads (`read_inner_chunk`, the codec layout they expect) live in stores.zarr_shards;
+# creation, family arrays and done markers in stores.zarr_layout (re-exported: marker_path)
+_scan_markers = scan_markers
 
 
 class ZarrCacheWriter(CacheWriter):
@@ -140,41 +104,14 @@ class ZarrCacheWriter(CacheWriter):
     def _open_store(self) -> None:
         self.store = self.root / SUBDIR
         m = self.manifest
-        if self.store.exists() and not (self.store / "zarr.json").exists():
+        if not is_remote(self.store) and self.store.exists() and not (self.store / "zarr.json").exists():
             raise StoreWriteError(
                 f"{self.store} exists but is not a zarr store (no zarr.json): delete it and rerun {REBUILD}"
             )
-        if not self.store.exists():
-            for stale in self.root.glob(f".{SUBDIR}.tmp-*"):  # a creator killed mid-way (we hold the lock)
-                remove_path(stale)
-            tmp = self.root / f".{SUBDIR}.tmp-{os.getpid()}"
-            views = sorted({v for _, v in m.plan})
-            view_idx = {v: i for i, v in enumerate(views)}
-            n = len(m.plan)
-            g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            g.attrs["kdcache"] = {
-                "layout": LAYOUT,
-                "schema_version": m.schema_version,
-                "num_records": n,
-                "block_size": m.block_size,
-                "levels": m.levels,
-                "views": views,
-                "fingerprint_digest": m.fingerprint_digest(),
-            }
-            idx = g.require_group("index")
-            bs = m.block_size
-            a = idx.create_array("image_id", shape=(n,), dtype="int64", chunks=(bs,), fill_value=-1)
-            a[:] = np.array([i for i, _ in m.plan], dtype=np.int64)
-            a = idx.create_array("view", shape=(n,), dtype="int32", chunks=(bs,), fill_value=-1)
-            a[:] = np.array([view_idx[v] for _, v in m.plan], dtype=np.int32)
-            idx.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(bs, 2), fill_value=-1)
-            idx.create_array("level_sizes", shape=(n, m.levels, 2), dtype="int32", chunks=(bs, m.levels, 2), fill_value=-1)
-            _vlen_array(g, "meta", n, bs)
-            g.require_group("targets")
-            (tmp / "done").mkdir()
-            os.replace(tmp, self.store)
+        if not (self.store / "zarr.json").exists():
+            create_store(self.root, self.store, m)
         else:
-            attrs = json.loads((self.store / "zarr.json").read_text()).get("attributes", {}).get("kdcache", {})
+            attrs = store_attrs(self.store)
             if attrs.get("layout") != LAYOUT:
                 raise StoreReadError(
                     f"{self.store} has layout {attrs.get('layout')!r}, this code writes {LAYOUT!r}: "
@@ -190,7 +127,7 @@ class ZarrCacheWriter(CacheWriter):
                     f"rerun {REBUILD}"
                 )
         with _quiet():
-            self._group = zarr.open_group(str(self.store), mode="r+")
+            self._group = zarr.open_group(zarr_url(self.store), mode="r+")
         self._families: dict[str, zarr.Array] = {}
 
     def completed_blocks(self) -> set[int]:
@@ -202,11 +139,11 @@ class ZarrCacheWriter(CacheWriter):
             return arr
         path = self.store / "targets" / family
         if not (path / "zarr.json").exists():
-            with root_lock(self.root):  # another writer may be creating it right now
+            with root_lock(self.root):  # another writer may be creating it right now (disk only)
                 if not (path / "zarr.json").exists():
-                    _vlen_array(self._group["targets"], family, len(self.manifest.plan), self.manifest.block_size)
+                    require_family(self._group["targets"], family, len(self.manifest.plan), self.manifest.block_size)
         with _quiet():
-            arr = zarr.open_array(str(path), mode="r+")
+            arr = zarr.open_array(zarr_url(path), mode="r+")
         self._families[family] = arr
         return arr
 
@@ -235,7 +172,10 @@ class ZarrCacheWriter(CacheWriter):
                 levels[i] = r.meta["level_sizes"]
         self._group["index/image_size"][start:stop] = sizes
         self._group["index/level_sizes"][start:stop] = levels
-        # the done marker goes last: its presence means every file of the block is complete
+        # the done marker goes last: its presence means every object of the block is complete; it
+        # names the shard objects with their sizes (stores.commit)
+        shards = ["meta"] + [f"targets/{f}" for f in sorted(families)]
+        digests = {**digests, "objects": block_objects(self.store, shards, block)}
         atomic_write_bytes(marker_path(self.store, block), json.dumps(digests, sort_keys=True).encode())
 
     def _array_dirs(self) -> list[Path]:
@@ -250,6 +190,7 @@ class ZarrCacheWriter(CacheWriter):
         """Delete the block's shard / chunk files (left by a failed or abandoned attempt)."""
         for d in self._array_dirs():
             remove_path(d / "c" / str(block))
+        abort_block_uploads(self.store, block)  # a writer killed mid-upload (object stores)
 
     def _discard_block(self, block: int) -> None:
         try:
@@ -263,14 +204,15 @@ class ZarrCacheReader(CacheReader):
     format = SUBDIR
 
     def __init__(self, path: str | Path):
-        self.store = Path(path) / SUBDIR
+        self.store = as_path(path) / SUBDIR
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, bool] = {}
+        self._indexes: dict = {}  # shard object -> its shard index (one GET per shard, not per record)
         self._pid = -1
         super().__init__(path)
         if not (self.store / "zarr.json").exists():
             raise StoreReadError(f"cache {self.root} has no zarr store ({self.store}): build it with {REBUILD}")
-        attrs = json.loads((self.store / "zarr.json").read_text()).get("attributes", {}).get("kdcache", {})
+        attrs = store_attrs(self.store)
         if attrs.get("layout") != LAYOUT:
             raise StoreReadError(
                 f"{self.store} has layout {attrs.get('layout')!r}, this code reads {LAYOUT!r}: "
@@ -292,7 +234,7 @@ class ZarrCacheReader(CacheReader):
         arr = self._arrays.get(name)
         if arr is None:
             with _quiet():
-                arr = zarr.open_array(str(self.store / name), mode="r")
+                arr = zarr.open_array(zarr_url(self.store / name), mode="r")
             self._arrays[name] = arr
         return arr
 
@@ -315,7 +257,8 @@ class ZarrCacheReader(CacheReader):
         if all(self._direct(n) for n in names):
             block, i = divmod(r, self.manifest.block_size)
             try:
-                return [read_inner_chunk(self.shard_file(n, block), i, self.manifest.block_size) for n in names]
+                return [read_inner_chunk(self.shard_file(n, block), i, self.manifest.block_size, self._indexes)
+                        for n in names]
             except _NotFast:
                 pass  # zarr reads it again and raises the error that names the damaged file
         return self._read_zarr(names, r)
@@ -353,6 +296,8 @@ class ZarrCacheReader(CacheReader):
         names = ["meta"] + [f"targets/{f}" for f in families]
         try:
             raw = self._read(names, r)
+        except ShardUnreachable as err:  # the object store did not answer: not damage
+            raise StoreReadError(str(err)) from None
         except Exception as err:
             raise self._corrupt(image_id, view, b, names, err) from None
         blobs: dict[str, bytes] = {}
@@ -416,5 +361,5 @@ class ZarrCacheReader(CacheReader):
 
     @property
     def views(self) -> list[str]:
-        return json.loads((self.store / "zarr.json").read_text())["attributes"]["kdcache"]["views"]
+        return store_attrs(self.store)["views"]
 

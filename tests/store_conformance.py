@@ -104,6 +104,11 @@ class StoreConformance:
     reader_cls: type
     fmt: str
 
+    @pytest.fixture
+    def root(self, tmp_path):
+        """Where the cache lives: a local folder here; the object-store suites override it with a URL."""
+        return tmp_path
+
     def write_all(self, root, manifest=None, codecs=None, blocks=None):
         manifest = manifest or make_manifest()
         w = self.writer_cls(root, manifest)
@@ -120,9 +125,9 @@ class StoreConformance:
         ],
         ids=["lossless", "default", "mixed"],
     )
-    def test_round_trip(self, tmp_path, codecs):
-        self.write_all(tmp_path, codecs=codecs)
-        reader = self.reader_cls(tmp_path)
+    def test_round_trip(self, root, codecs):
+        self.write_all(root, codecs=codecs)
+        reader = self.reader_cls(root)
         m = make_manifest()
         assert len(reader) == 10 and reader.keys() == m.plan
         for image_id, view in m.plan:
@@ -134,26 +139,26 @@ class StoreConformance:
                 if k.startswith(("fpn", "cls", "box")):
                     np.testing.assert_array_equal(rec.arrays[k], v)
 
-    def test_both_formats_hold_the_same_blobs(self, tmp_path):
-        self.write_all(tmp_path)
-        reader = self.reader_cls(tmp_path)
+    def test_both_formats_hold_the_same_blobs(self, root):
+        self.write_all(root)
+        reader = self.reader_cls(root)
         rec = reader.get_encoded(12, VIEWS[0])
         meta, arrays = make_arrays(12, VIEWS[0])
         assert rec.blobs == encode_record(12, VIEWS[0], meta, arrays, CODECS).blobs
 
-    def test_targets_selection(self, tmp_path):
-        self.write_all(tmp_path)
-        reader = self.reader_cls(tmp_path)
+    def test_targets_selection(self, root):
+        self.write_all(root)
+        reader = self.reader_cls(root)
         rec = reader.get(7, VIEWS[0], targets=["fpn", "det.labels"])
         assert sorted(rec.arrays) == ["det.labels", "fpn.0", "fpn.1", "fpn.2"]
         # the config-level names of CacheParams.targets / KDLosses.needs() work too
         rec = reader.get(7, VIEWS[0], targets=["detections", "candidates"])
         assert sorted(rec.arrays) == ["cand.index", "cand.offsets", "cand.score", "det.boxes", "det.labels", "det.scores"]
 
-    def test_keys_only_completed_blocks(self, tmp_path):
+    def test_keys_only_completed_blocks(self, root):
         m = make_manifest()
-        self.write_all(tmp_path, blocks=[0, 2])
-        reader = self.reader_cls(tmp_path)
+        self.write_all(root, blocks=[0, 2])
+        reader = self.reader_cls(root)
         assert reader.completed_blocks() == {0, 2}
         assert reader.keys() == m.block_records(0) + m.block_records(2)
         assert len(reader) == 6
@@ -163,28 +168,28 @@ class StoreConformance:
         with pytest.raises(KeyError, match="not in the plan"):
             reader.get(999, VIEWS[0])
         # a block written after the reader opened becomes visible
-        self.writer_cls(tmp_path, m).write_block(1, block_records(m, 1))
+        self.writer_cls(root, m).write_block(1, block_records(m, 1))
         assert_record_equal(reader.get(*m.plan[4]), *m.plan[4])
         assert len(reader) == 10
 
-    def test_resume_skips_completed_blocks(self, tmp_path):
+    def test_resume_skips_completed_blocks(self, root):
         m = make_manifest()
-        self.write_all(tmp_path, blocks=[0])
-        w = self.writer_cls(tmp_path, m)
+        self.write_all(root, blocks=[0])
+        w = self.writer_cls(root, m)
         assert w.completed_blocks() == {0} and w.missing_blocks() == [1, 2]
         # rewriting a completed block is a no-op: different content is NOT written
         other = [encode_record(r.image_id, r.view, r.meta, {"fpn.0": np.zeros(3, np.float32)}) for r in block_records(m, 0)]
         w.write_block(0, other)
         for b in w.missing_blocks():
             w.write_block(b, block_records(m, b))
-        reader = self.reader_cls(tmp_path)
+        reader = self.reader_cls(root)
         for key in m.plan:
             assert_record_equal(reader.get(*key), *key)
-        assert verify_store(tmp_path, formats=[self.fmt]).ok
+        assert verify_store(root, formats=[self.fmt]).ok
 
-    def test_block_must_hold_plan_records_in_order(self, tmp_path):
+    def test_block_must_hold_plan_records_in_order(self, root):
         m = make_manifest()
-        w = self.writer_cls(tmp_path, m)
+        w = self.writer_cls(root, m)
         recs = block_records(m, 0)
         with pytest.raises(ValueError, match="block 0 must hold"):
             w.write_block(0, recs[::-1])
@@ -202,31 +207,31 @@ class StoreConformance:
             ({"codecs": {**CODECS, "fpn": "fp16+zstd"}}, "codecs.fpn"),
         ],
     )
-    def test_mismatched_manifest_refused(self, tmp_path, change, field):
-        self.write_all(tmp_path, blocks=[0])
+    def test_mismatched_manifest_refused(self, root, change, field):
+        self.write_all(root, blocks=[0])
         with pytest.raises(CacheMismatchError) as info:
-            self.writer_cls(tmp_path, make_manifest(**change))
+            self.writer_cls(root, make_manifest(**change))
         msg = str(info.value)
-        assert f"different {field}:" in msg and str(tmp_path) in msg and "pipeline.cache_teacher" in msg
+        assert f"different {field}:" in msg and str(root) in msg and "pipeline.cache_teacher" in msg
 
-    def test_mismatched_plan_or_block_size_refused(self, tmp_path):
-        self.write_all(tmp_path, blocks=[0])
+    def test_mismatched_plan_or_block_size_refused(self, root):
+        self.write_all(root, blocks=[0])
         with pytest.raises(CacheMismatchError, match="different block_size: cache has 4, you asked for 5"):
-            self.writer_cls(tmp_path, make_manifest(block_size=5))
+            self.writer_cls(root, make_manifest(block_size=5))
         with pytest.raises(CacheMismatchError, match=r"different plan \(record 0\)"):
-            self.writer_cls(tmp_path, make_manifest(plan=make_plan([2, 7, 11, 12, 20], VIEWS)))
+            self.writer_cls(root, make_manifest(plan=make_plan([2, 7, 11, 12, 20], VIEWS)))
         # the same inputs (a new created_at in meta) are accepted
         m = make_manifest()
         m2 = Manifest(m.schema_version, m.fingerprint, m.plan, m.block_size, m.levels, meta={"created_at": "later"})
-        assert self.writer_cls(tmp_path, m2).completed_blocks() == {0}
+        assert self.writer_cls(root, m2).completed_blocks() == {0}
 
-    def test_static_round_trip(self, tmp_path):
-        w = self.write_all(tmp_path, blocks=[0])
+    def test_static_round_trip(self, root):
+        w = self.write_all(root, blocks=[0])
         weights = {"cls_logits.weight": np.random.default_rng(0).standard_normal((9, 16, 3, 3)).astype(np.float32),
                    "steps": np.array(3, dtype=np.int64)}
         w.write_static("head", weights)
         w.write_static("tower_stats", {"cls_mean": np.arange(4, dtype=np.float32)})
-        reader = self.reader_cls(tmp_path)
+        reader = self.reader_cls(root)
         got = reader.read_static("head")
         assert sorted(got) == sorted(weights)
         for k in weights:
@@ -238,39 +243,39 @@ class StoreConformance:
         with pytest.raises(ValueError):
             w.write_static("../evil", weights)
 
-    def test_meta_and_manifest_on_disk(self, tmp_path):
-        self.write_all(tmp_path)
-        m = Manifest.load(tmp_path / "manifest.json")
+    def test_meta_and_manifest_on_disk(self, root):
+        self.write_all(root)
+        m = Manifest.load(root / "manifest.json")
         assert m.plan == make_manifest().plan and m.meta == {"created_at": "test"}
-        assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"]["schema_version"] == 1
-        reader = self.reader_cls(tmp_path)
+        assert json.loads((root / "manifest.json").read_text())["fingerprint"]["schema_version"] == 1
+        reader = self.reader_cls(root)
         assert reader.manifest.fingerprint_digest() == make_manifest().fingerprint_digest()
 
-    def test_verify_and_iteration(self, tmp_path):
-        self.write_all(tmp_path, blocks=[0, 1])
-        report = verify_store(tmp_path, formats=[self.fmt])
+    def test_verify_and_iteration(self, root):
+        self.write_all(root, blocks=[0, 1])
+        report = verify_store(root, formats=[self.fmt])
         assert not report.ok and report.missing_blocks == [2] and report.n_records == 8
         assert any("1 planned blocks not written (2)" in e for e in report.errors)
-        self.write_all(tmp_path, blocks=[2])
-        report = verify_store(tmp_path, formats=[self.fmt])
+        self.write_all(root, blocks=[2])
+        report = verify_store(root, formats=[self.fmt])
         assert report.ok, report.errors
         assert report.n_records == 10 and report.missing_blocks == []
-        reader = self.reader_cls(tmp_path)
+        reader = self.reader_cls(root)
         assert [(r.image_id, r.view) for r in reader] == make_manifest().plan
 
-    def test_reader_without_cache(self, tmp_path):
+    def test_reader_without_cache(self, root):
         with pytest.raises(StoreReadError, match="no cache at .*pipeline.cache_teacher"):
-            self.reader_cls(tmp_path / "nothing")
+            self.reader_cls(root / "nothing")
 
-    def test_store_folder_of_another_manifest_refused(self, tmp_path):
-        self.write_all(tmp_path, blocks=[0])
-        (tmp_path / "manifest.json").unlink()  # someone deleted the manifest by hand
+    def test_store_folder_of_another_manifest_refused(self, root):
+        self.write_all(root, blocks=[0])
+        (root / "manifest.json").unlink()  # someone deleted the manifest by hand
         with pytest.raises(CacheMismatchError, match="another manifest.*delete"):
-            self.writer_cls(tmp_path, make_manifest(teacher_weights="ee" * 32))
+            self.writer_cls(root, make_manifest(teacher_weights="ee" * 32))
 
-    def test_store_summary(self, tmp_path):
-        self.write_all(tmp_path)
-        s = store_summary(tmp_path, fmt=self.fmt)
+    def test_store_summary(self, root):
+        self.write_all(root)
+        s = store_summary(root, fmt=self.fmt)
         assert s["records"] == 10 and s["images"] == 5 and s["views"] == {VIEWS[0]: 5, VIEWS[1]: 5}
         assert s["codecs"] == CODECS and s["format_read"] == self.fmt
         fpn = s["targets"]["fpn.0"]

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stores.base import remove_path
+from stores.url import abort_uploads, as_path, is_remote
+from stores.zarr_layout import abort_block_uploads
 
 
 def _in_dask_worker() -> bool:
@@ -56,7 +58,11 @@ def claim(digest: str, name: str) -> Iterator[None]:
 def remove_stale_temps(root: str | Path, block: int) -> list[Path]:
     """Delete the temp files of `block` left by a writer that died mid-publish (call it holding the
     block's claim: nobody else is writing the block then). Returns what was removed."""
-    root = Path(root)
+    root = as_path(root)
+    if is_remote(root):  # no temp objects on an object store: abort the block's open multipart uploads
+        keys = abort_block_uploads(root / "zarr", block)
+        keys += abort_uploads(root / "wds", lambda key: key.endswith(f"shard-{block:06d}.tar"))
+        return [root / k for k in keys]
     patterns = [
         f"wds/shard-{block:06d}.tar.tmp-*",  # WdsCacheWriter's shard before its rename
         f"wds/.shard-{block:06d}.json.tmp-*",  # its sidecar (atomic_write_bytes)

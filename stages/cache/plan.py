@@ -38,6 +38,7 @@ from stores import READERS, WRITERS
 from stores.codecs import parse_chain, require_libraries
 from stores.manifest import (
     MANIFEST_NAME,
+from stores.url import as_path, probe
     SCHEMA_VERSION,
     Manifest,
     check_cache_folder,
@@ -201,7 +202,8 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
     if params.cache.block_size < 1 or params.cache.batch_size < 1:
         raise ValueError(f"cache.block_size and cache.batch_size must be >= 1, got "
                          f"{params.cache.block_size} and {params.cache.batch_size}")
-    root = Path(params.cache.path)
+    root = as_path(params.cache.path)
+    probe(root)  # an object store that cannot be listed / written: one line, before any teacher work
     check_cache_folder(root, overwrite=overwrite)  # before any work: never write into / delete foreign files
     dataset = CocoDataset.from_params(params.data, "train")
     require_images(dataset, "data.train_ann")
@@ -264,7 +266,7 @@ def _ensure_head(root: Path, manifest: Manifest, teacher: Detector, writer) -> M
 
 
 def open_reader(root: str | Path, fmt: str):
-    root = Path(root)
+    root = as_path(root)
     if fmt not in READERS:
         raise ValueError(f"unknown cache format {fmt!r}: expected one of {', '.join(READERS)}")
     if not (root / "manifest.json").exists():

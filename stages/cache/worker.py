@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ from stages.cache.device_codecs import DeviceBasis
 from stores.base import EncodedRecord, codec_inputs, load_codec_bases, target_family
 from stores.codecs import CodecChain, effective_chain, pack, parse_chain
 from stores.manifest import Manifest
+from stores.url import as_path
 
 DEFAULT_CHAIN = parse_chain("raw+zstd")  # families without a codec entry (detections, candidates, stats) stay exact
 PREFETCH_BATCHES = 2  # decoded batches held ahead of the teacher (in-process loading)
@@ -61,13 +61,13 @@ def _worker_state(job: CacheJob) -> dict[str, Any]:
     if _WORKER.get("teacher_key") != teacher_key:
         _WORKER.pop("teacher", None)  # free the old teacher's (GPU) memory before loading
         device = _worker_device(job.device)
-        manifest = Manifest.load(Path(job.root) / "manifest.json")
+        manifest = Manifest.load(as_path(job.root) / "manifest.json")
         index = manifest.fingerprint.get("label_map", {}).get("index")  # the teacher's classes -> the dataset's
         teacher = load_teacher(job.checkpoint, manifest.fingerprint["teacher_arch"], job.num_classes, index)
         _WORKER.update(teacher_key=teacher_key, device=device, teacher=teacher.to(device).eval())
         _WORKER["teacher_loads"] = _WORKER.get("teacher_loads", 0) + 1  # per process: stats show it is 1
     if _WORKER.get("job") != job:
-        manifest = Manifest.load(Path(job.root) / "manifest.json")
+        manifest = Manifest.load(as_path(job.root) / "manifest.json")
         _WORKER.update(
             job=job,
             manifest=manifest,
@@ -75,7 +75,7 @@ def _worker_state(job: CacheJob) -> dict[str, Any]:
         )
         with claim(job.digest, "store"):  # opening checks/creates folders: one worker at a time
             _WORKER["writers"] = [WRITERS[f](job.root, manifest) for f in job.formats]
-        bases = load_codec_bases(Path(job.root), manifest)  # cpca chains: the cache's basis, on the device once
+        bases = load_codec_bases(as_path(job.root), manifest)  # cpca chains: the cache's basis, on the device once
         _WORKER["bases"] = {n: DeviceBasis.of(b, _WORKER["device"]) for n, b in bases.by_name.items()} if bases else None
     if "encoder" not in _WORKER:
         _WORKER["encoder"] = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="kdcache-encode")
@@ -246,7 +246,7 @@ def finish_block(job: CacheJob, computed: ComputedBlock) -> dict[str, Any]:
     ordered = [by_key.get(tuple(k)) or dropped_record(*k) for k in computed.keys]
     # the first writes of a Zarr store create its per-family arrays: one creator at a time
     first = "zarr" in job.formats and not all(
-        (Path(job.root) / "zarr" / "targets" / target_family(n) / "zarr.json").exists() for r in ordered for n in r.blobs
+        (as_path(job.root) / "zarr" / "targets" / target_family(n) / "zarr.json").exists() for r in ordered for n in r.blobs
     )
     with claim(job.digest, "store") if first else contextlib.nullcontext(), claim(job.digest, f"block-{computed.block}"):
         # under the claim: a copy of this task that finished first made the block complete, and a
