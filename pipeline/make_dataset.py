@@ -8,12 +8,11 @@ data.train_images / data.train_ann / data.val_images / data.val_ann at it.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args
+from stages.data import dataset_record
 from stages.data.synthetic import CLASSES, generate
 
 DESCRIPTION = """\
@@ -27,33 +26,17 @@ Example:
 """.format(classes=", ".join(CLASSES))
 
 
-SYNTHETIC_MARK = "kdcache synthetic shapes"  # the start of info.description in the jsons it writes
-
-
 def check_out_folder(out: Path) -> None:
-    """Refuse (one line) to write into a folder that holds anything but a synthetic dataset written
-    by this command: its train/ val/ annotations/ entries, with kdcache's annotation files."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    """Refuse (one line) to write into a folder holding any file make_dataset's own record
+    (`OUT/.make_dataset.json`, stages.data.dataset_record) does not list unchanged: a file name
+    like train/000001.png is no proof that it wrote it."""
+    if out.exists() and not out.is_dir():
         raise ValueError(f"data.synthetic.out {out} is a file: point it at a new folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("train", "val", "annotations"))
-    for name in ("instances_train.json", "instances_val.json"):
-        ann = out / "annotations" / name
-        if ann.exists():
-            try:
-                description = str(json.loads(ann.read_text()).get("info", {}).get("description", ""))
-            except (OSError, ValueError, AttributeError):
-                description = ""
-            if not description.startswith(SYNTHETIC_MARK):
-                foreign.append(f"annotations/{name} (not written by make_dataset)")
-    for split in ("train", "val"):
-        d = out / split
-        if d.is_dir():
-            foreign += [f"{split}/{p.name}" for p in d.iterdir() if not re.fullmatch(r"\.?\d{6}\.png(\.tmp)?", p.name)][:3]
+    foreign = dataset_record.foreign_files(out)
     if foreign:
-        raise ValueError(f"data.synthetic.out {out} holds files make_dataset did not write ({', '.join(foreign[:5])}): "
-                         "refusing to overwrite them; point data.synthetic.out at a new or empty folder")
+        raise ValueError(f"data.synthetic.out {out} holds files make_dataset did not write ({', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}): refusing to overwrite them; point "
+                         "data.synthetic.out at a new or empty folder")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,6 +18,8 @@ from stages import distributed
 from stages.config import to_dict
 from stages.detector_training import train_detector
 from stages.devices import apply_threads, resolve_device
+from stages.run_lease import run_lease
+from stages.run_record import check_kind, check_out_folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,8 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     main_rank = distributed.is_main()
     if main_rank:
         print(threads, flush=True)
+    folder = Path(t.checkpoint).parent
     try:
-        path = train_detector(t.model, t.train, params.data, Path(t.checkpoint), to_dict(params), overwrite=args.overwrite)
+        check_out_folder(folder, params.data, params.cache.path, "teacher.checkpoint's folder")
+        check_kind(folder, "teacher", overwrite=args.overwrite)  # a student's folder: refused before any work
+        with run_lease(folder, "teacher", enabled=main_rank):  # one writer per run folder (stages.run_lease)
+            path = train_detector(t.model, t.train, params.data, Path(t.checkpoint), to_dict(params),
+                                  overwrite=args.overwrite)
     finally:
         distributed.shutdown()
     if main_rank:

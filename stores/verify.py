@@ -4,7 +4,10 @@ verify_store checks, for every format present (zarr/, wds/): the manifest is pre
 loadable, every static item (static/<name>.npz, e.g. the teacher head) matches the sha256 the
 manifest records and loads, every planned block is complete (done marker / renamed shard), the stored records are
 the plan's records for the block, every blob's sha256 matches the block's marker / sidecar,
-and (decode=True) every blob decodes. Each error names the format, block, image id, view and
+(decode=True) every blob decodes, every store / marker / sidecar records the manifest's fingerprint
+digest (`stores.provenance`: a store copied from another teacher's cache fails), and the zarr index
+arrays agree with the plan (image_id, view) and the checksummed record metas (image_size,
+level_sizes), so a flipped byte there is caught too. Each error names the format, block, image id, view and
 file, and the report lists missing blocks so a rerun of cache_teacher can complete them.
 """
 
@@ -22,6 +25,8 @@ import numpy as np
 from stores.base import REBUILD, StoreError, load_codec_bases, meta_bytes, target_family
 from stores.codecs import BlobDecodeError, blob_info, decode
 from stores.manifest import MANIFEST_NAME, STORE_ENTRIES, Manifest
+from stores.provenance import store_digest_errors, zarr_index_errors
+from stores.url import as_path
 from stores.wds_store import WdsCacheReader, shard_path, sidecar_path
 from stores.zarr_store import ZarrCacheReader, marker_path
 
@@ -52,7 +57,7 @@ def _present_formats(root: Path) -> list[str]:
 def verify_store(
     root: str | Path, *, decode: bool = True, progress: bool = False, formats: list[str] | None = None
 ) -> VerifyReport:
-    root = Path(root)
+    root = as_path(root)
     report = VerifyReport(ok=False, n_records=0)
     path = root / MANIFEST_NAME
     if not path.exists():
@@ -215,6 +220,9 @@ def _open_reader(fmt, root, manifest, report, make):
     missing = [b for b in range(manifest.num_blocks()) if b not in done]
     if missing:
         report.errors.append(_missing_error(fmt, root, missing))
+    foreign = store_digest_errors(root, manifest, fmt, done)  # copied from another cache: checksums agree
+    report.errors.extend(foreign)
+    report.damaged_blocks.extend(sorted({b for b in done for e in foreign if f"block {b}:" in e}))
     return reader, done, missing
 
 
@@ -224,6 +232,7 @@ def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, l
         return 0, missing
     store = reader.store
     n_ok = 0
+    metas: dict[int, bytes] = {}
     for b in _tracked(report, _blocks(manifest, progress, "verify zarr")):
         if b not in done:
             continue
@@ -248,10 +257,11 @@ def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, l
                         f"corrupt ({err}); delete {where_marker} and rerun {REBUILD} to rewrite this block"
                     )
                 raw.append((meta_raw, fams) if not bad_files else None)
-        for key, item in zip(expected, raw):
+        for r, (key, item) in enumerate(zip(expected, raw), start=manifest.block_range(b)[0]):
             if item is None:
                 continue
             meta_raw, fams = item
+            metas[r] = meta_raw
             blobs: dict[str, bytes] = {}
             bad = False
             for fam, value in fams.items():
@@ -268,6 +278,10 @@ def _verify_zarr(root, manifest, report, decode_blobs, progress) -> tuple[int, l
             where = f"{store} block {b} (marker {where_marker})"
             if _check_record("zarr", b, key, meta_raw, blobs, listed.get(key), where, report.errors, decode_blobs) and not bad:
                 n_ok += 1
+    for block, error in zarr_index_errors(reader, manifest, metas):
+        report.errors.append(error)
+        if block is not None and block not in report.damaged_blocks:
+            report.damaged_blocks.append(block)
     return n_ok, missing
 
 
@@ -320,7 +334,7 @@ def invalidate_blocks(root: str | Path, blocks: list[int]) -> None:
     """Make `blocks` incomplete in every format present (zarr: remove the done marker; wds: the shard
     and its sidecar), so the next cache_teacher run recomputes them and only them. The zarr writer
     deletes a block's old shard files itself before rewriting it."""
-    root = Path(root)
+    root = as_path(root)
     for b in blocks:
         if (root / "zarr").exists():
             marker_path(root / "zarr", b).unlink(missing_ok=True)
@@ -335,7 +349,7 @@ def store_summary(root: str | Path, *, fmt: str | None = None, max_records: int 
     Reads blob headers of up to `max_records` completed records (all by default) of `fmt`
     (default: zarr if present, else wds).
     """
-    root = Path(root)
+    root = as_path(root)
     manifest = Manifest.load(root / MANIFEST_NAME)
     present = _present_formats(root)
     fmt = fmt or (present[0] if present else None)

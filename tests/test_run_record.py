@@ -98,9 +98,15 @@ def test_record_rules(tmp_path, tiny_cache):
     (out / RECORD_NAME).unlink()
     with pytest.raises(RunMismatchError, match="no readable run.json"):
         check_run(out, record)
-    (out / "mine.txt").write_text("keep")
-    check_run(out, record, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", RECORD_NAME]
+    # results no record proves to be ours: --overwrite deletes nothing
+    with pytest.raises(RunMismatchError, match="no readable run.json, so nothing proves they are a student run"):
+        check_run(out, record, overwrite=True)
+    assert (out / "model.pt").read_bytes() == b"x"
+    check_run(out / "fresh", record)
+    (out / "fresh" / "model.pt").write_bytes(b"x")
+    (out / "fresh" / "mine.txt").write_text("keep")
+    check_run(out / "fresh", record, overwrite=True)
+    assert sorted(p.name for p in (out / "fresh").iterdir()) == ["mine.txt", RECORD_NAME]
 
 
 def test_teacher_rerun_with_other_lr_is_refused(tiny_coco, tmp_path):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ def run_cache(
     params: Params, *, n_workers: int | None = None, scheduler: str = "", overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Build or resume the cache described by params; returns a summary with per-block stats."""
+    params = replace(params, cache=replace(params.cache, path=resolved_cache_path(params.cache.path)))
     job, manifest = prepare_store(params, overwrite=overwrite)
     done = set.intersection(*[WRITERS[f](job.root, manifest).completed_blocks() for f in job.formats])
     todo = [b for b in range(manifest.num_blocks()) if b not in done]
@@ -54,6 +57,19 @@ def run_cache(
         "fingerprint_digest": job.digest,
         "stats": sorted(stats, key=lambda s: s["block"]),
     }
+
+
+def resolved_cache_path(path: str) -> str:
+    """cache.path with its `..` and symlinked parents resolved BEFORE any check: `D/cache/../ds/train`
+    with D/cache missing would pass the non-empty check (the kernel cannot walk through a missing
+    folder) and, once D/cache is created, name the dataset's image folder. The last component is
+    kept as written, so a symlink there is still seen (and refused for --overwrite)."""
+    if "://" in path:  # an object-store URL: no local resolution
+        return path
+    p = Path(path).expanduser()
+    if p.name in ("", ".", ".."):
+        return str(p.resolve())
+    return str(p.parent.resolve() / p.name)
 
 
 def _run_dask(job: CacheJob, todo: list[int], scheduler: str, n_workers: int, bar) -> list[dict[str, Any]]:

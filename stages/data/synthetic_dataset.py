@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stages.data import dataset_record
 from stages.data.synthetic_classes import ClassSpec, class_specs
 from stages.data.synthetic_render import MIN_OBJECT, render_image
 
@@ -104,6 +105,13 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(total=num_train + num_val, desc=f"synthetic -> {out}", unit="img")
+    # only a folder whose files its record lists is rewritten (stages.data.dataset_record)
+    planned = [f"{split}/{k + 1:06d}.png" for split, n in (("train", num_train), ("val", num_val)) for k in range(n)]
+    foreign = dataset_record.foreign_files(out)
+    if foreign:
+        raise ValueError(f"{out} holds files this did not write ({', '.join(foreign[:3])}): refusing to overwrite "
+                         "them; write the dataset into a new or empty folder")
+    dataset_record.begin(out, planned + [f"annotations/instances_{s}.json" for s in ("train", "val")])
     try:
         splits = {
             split: _split_dataset(split, n, out, seed, min_side, max_side, bar, min_object, classes)
@@ -112,6 +120,7 @@ def generate(
     finally:
         if bar is not None:
             bar.close()
+    dataset_record.finish(out)
     sides = [min(a["bbox"][2], a["bbox"][3]) for s in splits.values() for a in s["annotations"]]
     name_of = {spec.category_id: spec.name for spec in classes}
     per_class = {}

@@ -9,6 +9,7 @@ extracts the same records before any codec — the reference the cache is measur
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +40,11 @@ from stages.distill.teacher_source import (
 )
 from stages.evaluation import evaluate
 from stages.losses.registry import LossContext, build_kd_losses
-from stages.run_record import check_student_run
+from stages.run_lease import run_lease
+from stages.run_record import check_kind, check_out_folder, check_student_run
 from stages.training import EpochBatchSampler, save_checkpoint, train_loop
+from stores.manifest import sha256_file
+from stores.provenance import check_store_provenance
 
 
 def resolve_distill(params: Params, experiment: str | None) -> DistillParams:
@@ -123,6 +127,7 @@ class DistillRun:
     teacher_targets: Callable[[dict, torch.Tensor, list[dict]], Any]
     step_loss: Callable[[dict], dict[str, torch.Tensor]]
     make_batches: Callable[[int], Any]
+    inputs: dict | None = None  # digests of the teacher / cache content it consumes (run.json's `inputs`)
 
 
 def build_run(params: Params, experiment: str | None) -> DistillRun:
@@ -146,9 +151,12 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
             p.requires_grad_(False)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
         t_box_dim, t_quality = teacher.box_dim, teacher.has_quality
+        inputs = {"teacher_sha256": sha256_file(params.teacher.checkpoint)}
     else:
         reader = open_reader(params.cache.path, distill.source)
         check_cache(reader, params)
+        check_store_provenance(reader)  # zarr/ or wds/ written for this manifest, not copied from another cache
+        inputs = cache_inputs(reader.manifest)
         t_arch = reader.manifest.fingerprint["teacher_arch"]
         t_info = TeacherInfo(t_arch, reader.manifest.meta["num_classes"], None)
         t_box_dim, t_quality = reader.manifest.meta["box_dim"], reader.manifest.meta["has_quality"]
@@ -184,14 +192,31 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
         return losses
 
     make_batches = _batch_source(distill, coco, views, reader, cfg, targets_needed, pin=device.type == "cuda")
-    return DistillRun(distill, device, coco, student, kd, teacher_targets, step_loss, make_batches)
+    return DistillRun(distill, device, coco, student, kd, teacher_targets, step_loss, make_batches, inputs)
+
+
+def cache_inputs(manifest) -> dict:
+    """What an offline student consumes, as digests: the teacher's weights (checked against
+    teacher.checkpoint by `check_cache`), the cache's fingerprint and its per-block content."""
+    content = json.dumps([manifest.block_fingerprints, manifest.statics], sort_keys=True).encode()
+    return {"teacher_sha256": manifest.fingerprint.get("teacher_weights", ""),
+            "cache": {"fingerprint_digest": manifest.fingerprint_digest(),
+                      "content_sha256": hashlib.sha256(content).hexdigest()}}
 
 
 def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True,
                   overwrite: bool = False) -> dict:
-    """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics."""
+    """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics.
+    One writer per run folder: rank 0 holds its lease (`stages.run_lease`) for the whole run."""
+    check_out_folder(out_dir, params.data, params.cache.path, "--out")
+    check_kind(out_dir, "student", overwrite=overwrite)  # a teacher's folder: refused before any work
+    with run_lease(out_dir, "student", enabled=distributed.is_main()):
+        return _train_student(params, experiment, Path(out_dir), progress, overwrite)
+
+
+def _train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool, overwrite: bool) -> dict:
     run = build_run(params, experiment)
-    check_student_run(params, run.distill, experiment, out_dir, overwrite, run.coco)  # stages.run_record
+    check_student_run(params, run.distill, experiment, out_dir, overwrite, run.coco, run.inputs)  # stages.run_record
     student_cfg = params.student.model
     meta = checkpoint_dict(run.student, student_cfg)
     meta.pop("model")

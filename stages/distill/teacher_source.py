@@ -20,6 +20,7 @@ from stages.detectors.build import build_head
 from stages.detectors.contract import DetectorOutput
 from stages.distill.device_decode import record_to_device
 from stages.losses.targets import TeacherTargets
+from stores.provenance import check_head_static
 
 
 def _place(maps: Sequence[Tensor], padded_hw: tuple[int, int], stride: int) -> Tensor:
@@ -136,8 +137,12 @@ def live_records(
 
 
 def teacher_head_from_cache(reader, arch: dict, num_classes: int) -> torch.nn.Module:
-    """The frozen teacher dense head rebuilt from the cache's static weights (no backbone needed)."""
+    """The frozen teacher dense head rebuilt from the cache's static weights (no backbone needed).
+    Only the head the manifest vouches for (its sha256), with exactly this head's arrays (checked
+    from the npz's headers before anything is loaded)."""
     head = build_head(from_dict(ModelParams, arch), num_classes)
+    expected = {k: (tuple(v.shape), "float32") for k, v in head.state_dict().items()}  # stage 1 stores float32
+    check_head_static(reader.root, reader.manifest, expected)
     state = {k: torch.from_numpy(np.array(v)) for k, v in reader.read_static("head").items()}
     head.load_state_dict(state)
     head.eval()
