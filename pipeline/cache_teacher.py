@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args, positive_int
-from stages.cache.plan import teacher_summary
+from stages.cache.plan import resolve_train_teacher
 from stages.cache.run import run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
@@ -38,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = params_from_args(args)
     try:
-        for line in teacher_summary(params):  # what the teacher is and how its classes map, before any work
+        teacher = resolve_train_teacher(params)  # the checkpoint is read here, once, and passed down
+        for line in teacher.report():  # what the teacher is and how its classes map, before any work
             print(line, flush=True)
         if args.repair and not args.overwrite:
             _repair(Path(params.cache.path))
-        summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite)
+        summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
+                            teacher=teacher)
     except CacheMismatchError as err:
         raise SystemExit(f"error: {err}; or pass --overwrite to replace it") from None
     except (ValueError, OSError, StoreError) as err:  # bad inputs, disk full, damaged store: one line each

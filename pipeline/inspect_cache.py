@@ -86,27 +86,25 @@ def main(argv: list[str] | None = None) -> None:
 def _fidelity(reader, params, n: int, student_ckpt: str | None = None) -> tuple[dict, dict]:
     """measure_fidelity against teacher.checkpoint, refusing a teacher or dataset other than the cache's,
     and the KD-loss gradient fidelity of every method the cache's targets allow (`_gradients`)."""
-    from stages.fidelity import measure_fidelity
     from stages.cache.fingerprint import check_blocks_current, dataset_identity
+    from stages.cache.plan import resolve_train_teacher
     from stages.data.coco import CocoDataset
-    from stages.detectors.checkpoint import load_teacher, teacher_model_params
+    from stages.fidelity import measure_fidelity
     from stages.training import resolve_device
-    from stores.manifest import sha256_file
 
     fp = reader.manifest.fingerprint
     ckpt = params.teacher.checkpoint
-    arch = teacher_model_params(ckpt, params.teacher.model)
-    if sha256_file(ckpt) != fp.get("teacher_weights"):
+    dataset = CocoDataset.from_params(params.data, "train")
+    resolved = resolve_train_teacher(params, dataset)  # the checkpoint is read here, once
+    if resolved.sha256 != fp.get("teacher_weights"):
         raise ValueError(f"teacher.checkpoint {ckpt} is not the teacher cache {reader.root} was built from "
                          "(weights differ): point teacher.checkpoint at that teacher to measure fidelity")
-    dataset = CocoDataset.from_params(params.data, "train")
     if dataset_identity(dataset) != fp.get("dataset"):
         raise ValueError(f"data.train_* ({dataset.ann_file}) is not the dataset cache {reader.root} was built from: "
                          "point data.train_images / train_ann at it to measure fidelity")
     check_blocks_current(reader.manifest, dataset, reader.root)  # same image content, block by block
     device = resolve_device(params.cache.device)
-    index = fp.get("label_map", {}).get("index")  # the teacher's classes -> the dataset's, as cached
-    teacher = load_teacher(ckpt, arch, reader.manifest.meta["num_classes"], index).to(device).eval()
+    teacher = resolved.build().to(device).eval()  # mapped onto the dataset the cache was built from (checked above)
     return measure_fidelity(reader, teacher, dataset, n, device), _gradients(reader, params, teacher, dataset, n,
                                                                              device, student_ckpt)
 
@@ -116,10 +114,10 @@ def _gradients(reader, params, teacher, dataset, n: int, device, student_ckpt: s
     for the methods whose teacher fields the cache holds; the others are listed as skipped."""
     import torch
 
-    from stages.fidelity import cached_gradient_fidelity
     from stages.config import ConfigError
     from stages.detectors.build import build_detector, load_detector
     from stages.distill.run import detector_arch, loss_context, run_from_index
+    from stages.fidelity import cached_gradient_fidelity
     from stages.losses.registry import LOSS_NAMES, build_kd_losses
 
     torch.manual_seed(params.train.seed)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args
 from stages import distributed
+from stages.cache.plan import resolve_train_teacher
 from stages.devices import apply_threads
 from stages.distill.run import train_student
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.is_main():
         print(threads, flush=True)
     try:
-        metrics = train_student(params, args.experiment or None, out, overwrite=args.overwrite)
+        resolved = resolve_train_teacher(params)  # read once; the cache check / the online teacher use it
+        metrics = train_student(params, args.experiment or None, out, overwrite=args.overwrite, resolved=resolved)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:

@@ -25,14 +25,7 @@ from stages.config import Params
 from stages.data.coco import CocoDataset
 from stages.data.views import View
 from stages.detectors.base import Detector
-from stages.detectors.checkpoint import (
-    load_mapped_teacher,
-    load_teacher,
-    open_teacher,
-    teacher_label_map,
-    teacher_model_params,
-    teacher_report,
-)
+from stages.detectors.resolved_teacher import ResolvedTeacher, resolve_teacher
 from stages.run_record import require_images
 from stores import READERS, WRITERS
 from stores.codecs import parse_chain, require_libraries
@@ -103,32 +96,32 @@ def codec_spec(params: Params) -> dict[str, str]:
         out[family] = parsed.spec
     return out
 
-def teacher_summary(params: Params) -> list[str]:
-    """The inspect_teacher lines for params' teacher on the training set (refuses a teacher that
-    cannot predict the dataset's categories, naming both files, before any block is computed)."""
-    dataset = CocoDataset.from_params(params.data, "train")
-    return teacher_report(params.teacher.checkpoint, params.teacher.model, dataset.categories, params.data.train_ann)
+def resolve_train_teacher(params: Params, dataset: CocoDataset | None = None) -> ResolvedTeacher:
+    """params' teacher, read once and mapped onto the training set's categories (refused, naming
+    both files, if it cannot predict them): what an entry point resolves and passes down."""
+    dataset = dataset or CocoDataset.from_params(params.data, "train")
+    return resolve_teacher(params.teacher.checkpoint, params.teacher.model, dataset.categories, params.data.train_ann)
 
 
 def teacher_num_classes(params: Params, dataset: CocoDataset) -> int:
     return params.teacher.model.num_classes or dataset.num_classes
 
 
-def expected_fingerprint(params: Params, dataset: CocoDataset | None = None) -> dict[str, Any]:
-    """The fingerprint a cache built from `params` must carry (what stage 2 checks)."""
+def expected_fingerprint(params: Params, dataset: CocoDataset | None = None,
+                         teacher: ResolvedTeacher | None = None) -> dict[str, Any]:
+    """The fingerprint a cache built from `params` must carry (what stage 2 checks). `teacher`:
+    params' teacher as the entry point resolved it (else it is resolved here)."""
     targets = validate_targets(params.cache.targets)  # cheap checks first: fail before any loading
     codecs = codec_spec(params)
-    ckpt = Path(params.teacher.checkpoint)
-    arch = teacher_model_params(ckpt, params.teacher.model)
     dataset = dataset or CocoDataset.from_params(params.data, "train")
-    # the teacher's outputs mapped onto the dataset's categories (refused here, before any work)
-    label_map = teacher_label_map(ckpt, dataset.categories, params.data.train_ann, params.teacher.model)
+    # the teacher's outputs mapped onto the dataset's categories (refused there, before any work)
+    teacher = teacher or resolve_train_teacher(params, dataset)
     return {
         "schema_version": SCHEMA_VERSION,
-        "teacher_weights": sha256_file(ckpt),
-        "teacher_arch": arch,
+        "teacher_weights": teacher.sha256,
+        "teacher_arch": teacher.arch,
         "dataset": dataset_identity(dataset),
-        "label_map": label_map.to_dict(),
+        "label_map": teacher.label_map.to_dict(),
         **({"exif_transpose": True} if params.data.exif_transpose else {}),  # other pixels, other targets
         "views": [v.to_dict() for v in cache_views(params)],
         "views_per_image": params.cache.views_per_image,
@@ -159,13 +152,15 @@ class CacheJob:
     exif_transpose: bool = False  # data.exif_transpose: the worker must decode images as the driver does
 
 
-def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: Detector | None = None) -> Manifest:
+def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: Detector | None = None,
+                   resolved: ResolvedTeacher | None = None) -> Manifest:
+    """The manifest of params' cache; `teacher` is `resolved`'s detector, built from it when None."""
     dataset = dataset or CocoDataset.from_params(params.data, "train")
-    fingerprint = expected_fingerprint(params, dataset)
+    resolved = resolved or resolve_train_teacher(params, dataset)
+    fingerprint = expected_fingerprint(params, dataset, resolved)
     plan = plan_records(dataset.image_ids, cache_views(params), params.cache.views_per_image, params.cache.seed)
-    index = fingerprint["label_map"]["index"]
     if teacher is None:
-        teacher = load_teacher(params.teacher.checkpoint, fingerprint["teacher_arch"], len(index), index)
+        teacher = resolved.build()
     if not teacher.dense:
         dense = [t for t in fingerprint["targets"] if t not in ("fpn", "detections")]
         if dense:
@@ -175,7 +170,7 @@ def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: 
     meta = {
         "num_classes": teacher.num_classes,
         "categories": dataset.categories,
-        "teacher_label_space": open_teacher(params.teacher.checkpoint).label_space.to_dict(),
+        "teacher_label_space": resolved.label_space.to_dict(),
         "strides": list(teacher.strides),
         "box_dim": teacher.box_dim,
         "has_quality": teacher.has_quality,
@@ -194,8 +189,10 @@ def build_manifest(params: Params, dataset: CocoDataset | None = None, teacher: 
     )
 
 
-def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Manifest]:
+def prepare_store(params: Params, overwrite: bool = False,
+                  teacher: ResolvedTeacher | None = None) -> tuple[CacheJob, Manifest]:
     """Create (or reopen, checking the manifest) every configured store; write the static head.
+    `teacher`: params' teacher as the entry point resolved it (else it is resolved here).
 
     A store built from other params raises CacheMismatchError naming the field (unless `overwrite`).
     """
@@ -207,9 +204,9 @@ def prepare_store(params: Params, overwrite: bool = False) -> tuple[CacheJob, Ma
     check_cache_folder(root, overwrite=overwrite)  # before any work: never write into / delete foreign files
     dataset = CocoDataset.from_params(params.data, "train")
     require_images(dataset, "data.train_ann")
-    teacher = load_mapped_teacher(params.teacher.checkpoint, params.teacher.model, dataset.categories,
-                                  params.data.train_ann)[0]
-    manifest = build_manifest(params, dataset, teacher)
+    resolved = teacher or resolve_train_teacher(params, dataset)
+    teacher = resolved.build()
+    manifest = build_manifest(params, dataset, teacher, resolved)
     if overwrite:
         remove_store(root)  # only a recognised store, entry by entry
     manifest = _refresh_blocks(root, manifest, dataset)
@@ -275,10 +272,11 @@ def open_reader(root: str | Path, fmt: str):
 
 
 
-def check_cache(reader, params: Params) -> None:
-    """Stage 2: the cache was built from these params (fields) and this image content (per block)."""
+def check_cache(reader, params: Params, teacher: ResolvedTeacher | None = None) -> None:
+    """Stage 2: the cache was built from these params (fields) and this image content (per block).
+    `teacher`: params' teacher as the run resolved it (else it is resolved here)."""
     dataset = CocoDataset.from_params(params.data, "train")
-    check_compatible(reader.manifest, expected_fingerprint(params, dataset), reader.root)
+    check_compatible(reader.manifest, expected_fingerprint(params, dataset, teacher), reader.root)
     from stages import distributed
 
     if distributed.is_main():  # every image is read once, not once per rank (torchrun stops all if it fails)

@@ -23,18 +23,22 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stages.cache.plan import WRITERS, CacheJob, prepare_store
+from stages.cache.plan import WRITERS, CacheJob, prepare_store, resolve_train_teacher
 from stages.cache.worker import cache_block, cache_blocks
 from stages.config import Params
+from stages.detectors.resolved_teacher import ResolvedTeacher
 from stages.training import resolve_device
 
 
 def run_cache(
-    params: Params, *, n_workers: int | None = None, scheduler: str = "", overwrite: bool = False, progress: bool = True
+    params: Params, *, n_workers: int | None = None, scheduler: str = "", overwrite: bool = False, progress: bool = True,
+    teacher: ResolvedTeacher | None = None,
 ) -> dict[str, Any]:
-    """Build or resume the cache described by params; returns a summary with per-block stats."""
+    """Build or resume the cache described by params; returns a summary with per-block stats.
+    `teacher`: params' teacher as the entry point resolved it (else it is resolved here, once)."""
     params = replace(params, cache=replace(params.cache, path=resolved_cache_path(params.cache.path)))
-    job, manifest = prepare_store(params, overwrite=overwrite)
+    teacher = teacher or resolve_train_teacher(params)
+    job, manifest = prepare_store(params, overwrite=overwrite, teacher=teacher)
     done = set.intersection(*[WRITERS[f](job.root, manifest).completed_blocks() for f in job.formats])
     todo = [b for b in range(manifest.num_blocks()) if b not in done]
     t0 = time.perf_counter()
@@ -45,7 +49,7 @@ def run_cache(
         if todo and (scheduler or n_workers > 1):
             stats = _run_dask(job, todo, scheduler, n_workers, bar)
         else:
-            for s in cache_blocks(job, todo):
+            for s in cache_blocks(job, todo, teacher):
                 stats.append(s)
                 bar.update(1)
     return {

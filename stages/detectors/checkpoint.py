@@ -1,18 +1,26 @@
-"""Teacher checkpoints: read safely, recognise what they hold, map their classes onto the dataset.
+"""Teacher checkpoints: read safely, recognise what they hold, build the zoo detector from them.
 
 Three formats, told apart by their keys (no `teacher.model` needed to describe them):
   kdcache      {'model', 'model_params', 'num_classes'[, 'categories']} written by train_teacher;
   torchvision  a raw state_dict (torchvision's COCO checkpoints, or a raw zoo state_dict), or a
                torchvision-references training checkpoint {'model': state_dict, ...};
   mmdet        {'meta', 'state_dict'} of mmdetection 2.x / 3.x (RetinaNet, GFL).
-`open_teacher` gives a `TeacherFile`; `load_teacher` builds the zoo detector with the class rows
-sliced to a `LabelMap` (see `label_space`), so the teacher predicts exactly the dataset's categories.
+`read_checkpoint` is the one function that reads a checkpoint file: it reads the bytes once, takes
+their sha256 and loads those same bytes, so a `TeacherFile`'s digest is the digest of the weights it
+holds (a file replaced a moment later cannot slip in between). `open_teacher` gives a `TeacherFile`;
+nothing here is cached, each call reads the file: a run resolves its teacher once
+(`stages.detectors.resolved_teacher.ResolvedTeacher`) and passes that object down. `build_teacher`
+builds the zoo detector from a `TeacherFile` with the class rows sliced to a `LabelMap` (see
+`label_space`), so the teacher predicts exactly the dataset's categories. The by-path helpers at the
+end (`load_teacher`, `load_mapped_teacher`, `teacher_model_params`, `teacher_report`) read the file
+once per call, for one-shot tools (evaluate, inspect_teacher) and tests.
 Files are read with `torch.load(weights_only=True)`; mmdet's non-tensor meta objects become inert
 stubs (`mmdet_import.safe_load`), never unpickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,15 +35,15 @@ from stages.detectors.build import ARCH_FIELDS, build_to_load, load_weights
 from stages.detectors.label_space import LabelMap, LabelSpace, map_labels, slice_classes, unnamed
 
 KNOBS = ("score_thresh", "nms_thresh", "detections_per_img")  # inference settings params may change
-_CACHE: dict[tuple, TeacherFile] = {}
-_SAID: set[str] = set()
+_SAID: set[str] = set()  # notes already printed (a note, not a checkpoint: nothing is cached here)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class TeacherFile:
     """What a checkpoint file holds, in the zoo's terms."""
 
     path: str
+    sha256: str  # of the bytes the weights were loaded from (what a cache's fingerprint records)
     format: str  # 'kdcache' | 'torchvision' | 'mmdet'
     name: str  # e.g. 'torchvision retinanet_resnet50_fpn_v2'
     model: ModelParams  # the zoo architecture that holds these weights
@@ -61,33 +69,31 @@ def say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def read_checkpoint(checkpoint: str | Path) -> dict:
+def read_checkpoint(checkpoint: str | Path) -> tuple[dict, str]:
+    """(the checkpoint dict, the sha256 of its file): the file is read once, and what is loaded is
+    exactly what was hashed."""
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found: train it (python -m pipeline.train_teacher) or set teacher.checkpoint"
         )
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        state = mmdet_import.safe_load(path)
+        state = mmdet_import.safe_load(path, data)
     except ValueError as err:
         raise ValueError(f"teacher checkpoint {err}") from None
     except Exception as err:  # truncated file, foreign pickle, ...
         raise ValueError(f"teacher checkpoint {path} is not readable ({type(err).__name__}); retrain or replace it") from None
     if not isinstance(state, dict):
         raise ValueError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state_dict")
-    return state
+    return state, digest
 
 
 def open_teacher(checkpoint: str | Path, fallback: ModelParams | None = None) -> TeacherFile:
-    """Recognise `checkpoint` (cached per file path, size and mtime). `fallback` (params'
+    """Read and recognise `checkpoint` (every call reads the file). `fallback` (params'
     teacher.model) supplies the inference knobs of imported checkpoints."""
-    path = Path(checkpoint)
-    st = path.stat() if path.exists() else None
-    key = (str(path), st.st_size if st else -1, st.st_mtime_ns if st else -1)
-    if key not in _CACHE:
-        _CACHE.clear()  # one teacher at a time: its weights can be large
-        _CACHE[key] = _open(path)
-    tf = _CACHE[key]
+    tf = _open(Path(checkpoint))
     if fallback is not None and tf.format != "kdcache":
         knobs = {k: getattr(fallback, k) for k in KNOBS}
         if tf.label_space.kind == "unnamed":  # a raw zoo state_dict: anchors are not in the weights
@@ -97,7 +103,7 @@ def open_teacher(checkpoint: str | Path, fallback: ModelParams | None = None) ->
 
 
 def _open(path: Path) -> TeacherFile:
-    state = read_checkpoint(path)
+    state, digest = read_checkpoint(path)
     where = f"teacher checkpoint {path}"
     if "model" in state and "model_params" in state:
         try:
@@ -109,7 +115,8 @@ def _open(path: Path) -> TeacherFile:
         space = unnamed(k)
         if isinstance(cats, list) and len(cats) == k and all(isinstance(c, dict) for c in cats):
             space = LabelSpace("kdcache", tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats))
-        return _checked(TeacherFile(str(path), "kdcache", f"kdcache {model.arch}", model, k, space, state["model"]))
+        return _checked(TeacherFile(str(path), digest, "kdcache", f"kdcache {model.arch}", model, k, space,
+                                    state["model"]))
     try:
         if mmdet_import.is_mmdet(state):
             rec, weights, unmatched = mmdet_import.convert(state)
@@ -125,7 +132,8 @@ def _open(path: Path) -> TeacherFile:
         raise ValueError(f"{where}: not a detector checkpoint this project knows (first keys: {keys}); expected a "
                          "kdcache checkpoint, a torchvision detection state_dict or an mmdetection checkpoint")
     model = ModelParams(**rec.fields, anchor_size=32)
-    return _checked(TeacherFile(str(path), fmt, rec.name, model, rec.num_outputs, rec.label_space, weights, unmatched))
+    return _checked(TeacherFile(str(path), digest, fmt, rec.name, model, rec.num_outputs, rec.label_space, weights,
+                                unmatched))
 
 
 def _checked(tf: TeacherFile) -> TeacherFile:
@@ -135,39 +143,29 @@ def _checked(tf: TeacherFile) -> TeacherFile:
     with torch.device("meta"):
         model = build_to_load(tf.model, tf.num_outputs)
     own = model.state_dict()
-    tf.missing = [k for k in own if k not in tf.weights and not k.endswith("num_batches_tracked")]
-    tf.unmatched = tf.unmatched + [k for k in tf.weights if k not in own]
-    return tf
+    missing = [k for k in own if k not in tf.weights and not k.endswith("num_batches_tracked")]
+    return replace(tf, missing=missing, unmatched=tf.unmatched + [k for k in tf.weights if k not in own])
 
 
-def teacher_model_params(checkpoint: str | Path, fallback: ModelParams | None = None,
-                         role: str = "teacher") -> dict[str, Any]:
+def architecture(tf: TeacherFile, fallback: ModelParams | None = None, role: str = "teacher") -> dict[str, Any]:
     """The teacher's ModelParams as a dict, recognised from the file. Where `fallback` (params'
     `<role>.model`) describes another architecture, one line on stderr says the file wins."""
-    tf = open_teacher(checkpoint, fallback)
     if fallback is not None:
         fields = [f for f in ARCH_FIELDS + ("variant",) if f != "reg_max" or tf.model.arch == "gfl"]
         differ = [f"{f}={getattr(tf.model, f)!r} ({role}.model: {getattr(fallback, f)!r})"
                   for f in fields if getattr(tf.model, f) != getattr(fallback, f)]
         if differ:
-            say(f"note: {role} {checkpoint} is a {tf.name} with {', '.join(differ)}; "
+            say(f"note: {role} {tf.path} is a {tf.name} with {', '.join(differ)}; "
                 "using the checkpoint's architecture")
     return to_dict(tf.model)
 
 
-def teacher_label_map(checkpoint: str | Path, categories: list[dict], ann_file: str | Path,
-                      fallback: ModelParams | None = None) -> LabelMap:
-    """The teacher's outputs mapped onto the dataset's categories; ValueError naming both files if it can't."""
-    tf = open_teacher(checkpoint, fallback)
-    return map_labels(tf.label_space, categories, str(checkpoint), str(ann_file))
-
-
-def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
-                 label_index: list[int] | tuple[int, ...] | None = None) -> Detector:
-    """The teacher on the CPU, built as `arch` (teacher_model_params' dict) with the checkpoint's
+def build_teacher(tf: TeacherFile, arch: dict, num_classes: int,
+                  label_index: list[int] | tuple[int, ...] | None = None) -> Detector:
+    """The teacher on the CPU, built as `arch` (`architecture`'s dict, or a cache's) with the file's
     weights; `label_index` (a LabelMap's index) slices its class outputs to the dataset's
     categories, so the result has len(label_index) classes, which must equal `num_classes`."""
-    tf = open_teacher(checkpoint)
+    checkpoint = tf.path
     cfg = from_dict(ModelParams, arch)
     differ = [f for f in ARCH_FIELDS + ("variant",) if getattr(cfg, f) != getattr(tf.model, f)]
     if differ:
@@ -197,23 +195,12 @@ def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
     return model
 
 
-def load_mapped_teacher(checkpoint: str | Path, fallback: ModelParams, categories: list[dict],
-                        ann_file: str | Path, role: str = "teacher") -> tuple[Detector, dict, LabelMap]:
-    """(teacher predicting the dataset's categories, its arch dict, the label map), refusals first.
-    `role` names the checkpoint's kind in notes (evaluate also loads students this way)."""
-    arch = teacher_model_params(checkpoint, fallback, role)
-    lmap = teacher_label_map(checkpoint, categories, ann_file, fallback)
-    return load_teacher(checkpoint, arch, len(lmap.index), lmap.index), arch, lmap
-
-
-def teacher_report(checkpoint: str | Path, fallback: ModelParams | None, categories: list[dict] | None = None,
-                   ann_file: str | Path = "") -> list[str]:
+def report_lines(tf: TeacherFile, lmap: LabelMap | None = None, categories: list[dict] | None = None,
+                 ann_file: str | Path = "") -> list[str]:
     """What `inspect_teacher` prints (and cache_teacher before it starts): what was recognised, the
-    mapping onto the dataset (ValueError if there is none), and the keys nothing matched."""
-    tf = open_teacher(checkpoint, fallback)
-    lines = [f"teacher {checkpoint}: {tf.describe()}"]
-    if categories is not None:
-        lmap = teacher_label_map(checkpoint, categories, ann_file, fallback)
+    mapping onto the dataset (when given), and the keys nothing matched."""
+    lines = [f"teacher {tf.path}: {tf.describe()}"]
+    if lmap is not None and categories is not None:
         lines.append(f"label map onto {ann_file} ({len(categories)} categories): {lmap.describe(categories)}")
     if tf.unmatched or tf.missing:
         lines.append(f"unmatched: {len(tf.unmatched)} checkpoint keys used by no zoo layer {tf.unmatched[:6]}; "
@@ -221,3 +208,35 @@ def teacher_report(checkpoint: str | Path, fallback: ModelParams | None, categor
     else:
         lines.append("unmatched: none (every checkpoint weight has a place in the zoo model, and every zoo weight a value)")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# by path, for one-shot tools and tests: each call reads the file once
+
+
+def teacher_model_params(checkpoint: str | Path, fallback: ModelParams | None = None,
+                         role: str = "teacher") -> dict[str, Any]:
+    return architecture(open_teacher(checkpoint, fallback), fallback, role)
+
+
+def load_teacher(checkpoint: str | Path, arch: dict, num_classes: int,
+                 label_index: list[int] | tuple[int, ...] | None = None) -> Detector:
+    return build_teacher(open_teacher(checkpoint), arch, num_classes, label_index)
+
+
+def load_mapped_teacher(checkpoint: str | Path, fallback: ModelParams, categories: list[dict],
+                        ann_file: str | Path, role: str = "teacher") -> tuple[Detector, dict, LabelMap]:
+    """(teacher predicting the dataset's categories, its arch dict, the label map), refusals first.
+    `role` names the checkpoint's kind in notes (evaluate also loads students this way)."""
+    tf = open_teacher(checkpoint, fallback)
+    arch = architecture(tf, fallback, role)
+    lmap = map_labels(tf.label_space, categories, str(checkpoint), str(ann_file))
+    return build_teacher(tf, arch, len(lmap.index), lmap.index), arch, lmap
+
+
+def teacher_report(checkpoint: str | Path, fallback: ModelParams | None, categories: list[dict] | None = None,
+                   ann_file: str | Path = "") -> list[str]:
+    """`report_lines` of the file; ValueError if its classes cannot map onto `categories`."""
+    tf = open_teacher(checkpoint, fallback)
+    lmap = None if categories is None else map_labels(tf.label_space, categories, str(checkpoint), str(ann_file))
+    return report_lines(tf, lmap, categories, ann_file)

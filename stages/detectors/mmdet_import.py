@@ -30,6 +30,7 @@ code, and the file is loaded again with weights_only=True. Tensors come back; th
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
@@ -64,14 +65,19 @@ def _stub(full_name: str) -> type:
     return type(name, (_Inert,), {"__module__": module, "__qualname__": name})
 
 
-def safe_load(path: str | Path) -> object:
+def safe_load(path: str | Path, data: bytes | None = None) -> object:
     """torch.load(weights_only=True); if the file names non-tensor globals, load it again with each
-    of them allow-listed as an inert stub (never imported, never called with effect)."""
+    of them allow-listed as an inert stub (never imported, never called with effect). `data`: the
+    file's bytes, already read (every attempt loads them, not the file again; `path` names it)."""
+
+    def source():
+        return io.BytesIO(data) if data is not None else path
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(source())
         except Exception:  # legacy (non-zip) format: its globals cannot be listed without unpickling
             raise ValueError(f"{path}: holds non-tensor objects and is not in torch's zip format; re-save its "
                              "state_dict and meta with a recent torch") from None
@@ -79,7 +85,7 @@ def safe_load(path: str | Path) -> object:
         if bad or not names:
             raise ValueError(f"{path}: refused by the safe loader ({str(first).splitlines()[0][:120]})") from None
         with torch.serialization.safe_globals([_stub(n) for n in names]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source(), map_location="cpu", weights_only=True)
 
 
 def is_mmdet(state: dict) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stages import distributed
-from stages.cache.plan import check_cache, open_reader
+from stages.cache.plan import check_cache, open_reader, resolve_train_teacher
 from stages.cache.targets import PER_IMAGE_TARGETS
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.batching import ViewDataset, collate, view_padded_size
@@ -29,7 +29,7 @@ from stages.data.views import View
 from stages.detector_training import to_device
 from stages.detectors.base import crosskd_run_from_index
 from stages.detectors.build import build_detector, checkpoint_dict
-from stages.detectors.checkpoint import load_mapped_teacher
+from stages.detectors.resolved_teacher import ResolvedTeacher
 from stages.detectors.retinanet import anchor_layout
 from stages.distill.loader import CachedViewDataset, cached_views, check_padding, wds_batches
 from stages.distill.teacher_source import (
@@ -130,8 +130,10 @@ class DistillRun:
     inputs: dict | None = None  # digests of the teacher / cache content it consumes (run.json's `inputs`)
 
 
-def build_run(params: Params, experiment: str | None) -> DistillRun:
-    """Student, KD losses, teacher source (cache or live) and batches for one experiment."""
+def build_run(params: Params, experiment: str | None, resolved: ResolvedTeacher | None = None) -> DistillRun:
+    """Student, KD losses, teacher source (cache or live) and batches for one experiment. `resolved`:
+    params' teacher as the entry point resolved it (else it is resolved here, once): the cache check
+    compares its digest, the online teacher is built from it."""
     distill = resolve_distill(params, experiment)
     cfg = params.train
     torch.manual_seed(cfg.seed)
@@ -143,10 +145,9 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
 
     teacher, reader = None, None
     if distill.teacher == "online":
-        # the teacher's class outputs sliced to the dataset's categories (refused if it cannot predict them)
-        teacher, t_arch, _ = load_mapped_teacher(params.teacher.checkpoint, params.teacher.model, coco.categories,
-                                                 params.data.train_ann)
-        teacher = teacher.to(device).eval()
+        # the teacher's class outputs mapped onto the dataset's categories (refused if it cannot predict them)
+        resolved = resolved or resolve_train_teacher(params, coco)
+        teacher, t_arch = resolved.build().to(device).eval(), resolved.arch
         for p in teacher.parameters():
             p.requires_grad_(False)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
@@ -154,7 +155,7 @@ def build_run(params: Params, experiment: str | None) -> DistillRun:
         inputs = {"teacher_sha256": sha256_file(params.teacher.checkpoint)}
     else:
         reader = open_reader(params.cache.path, distill.source)
-        check_cache(reader, params)
+        check_cache(reader, params, resolved)
         check_store_provenance(reader)  # zarr/ or wds/ written for this manifest, not copied from another cache
         inputs = cache_inputs(reader.manifest)
         t_arch = reader.manifest.fingerprint["teacher_arch"]
