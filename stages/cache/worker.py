@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 from stages.cache.claims import claim, remove_stale_temps
+from stages.cache.device_codecs import DeviceBasis
 from stages.cache.plan import WRITERS, CacheJob
 from stages.cache.targets import device_prepare, extract_records, parts_to_numpy, record_meta
 from stages.data.batching import ViewDataset, collate, view_padded_size
 from stages.data.coco import CocoDataset
 from stages.data.views import View
-from stages.detectors.checkpoint import load_teacher
+from stages.detectors.resolved_teacher import ResolvedTeacher, reload_checked
 from stages.training import resolve_device
-from stages.cache.device_codecs import DeviceBasis
 from stores.base import EncodedRecord, codec_inputs, load_codec_bases, target_family
 from stores.codecs import CodecChain, effective_chain, pack, parse_chain
 from stores.manifest import Manifest
@@ -53,17 +53,24 @@ ENCODE_THREADS = 2  # zstd releases the GIL: two encoders keep up with a GPU tea
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_state(job: CacheJob) -> dict[str, Any]:
+def _worker_state(job: CacheJob, resolved: ResolvedTeacher | None = None) -> dict[str, Any]:
     """Per process: the teacher (loaded once per checkpoint + fingerprint), and per job (one
     run_cache call) the dataset, manifest and writers, opened afresh: a store deleted and rebuilt
-    at the same path (--overwrite) must not be written through handles of the old one."""
+    at the same path (--overwrite) must not be written through handles of the old one.
+
+    The teacher is built from `resolved` in the driver's own process (no file read); a dask worker
+    re-reads the checkpoint and refuses it unless its sha256 is the one the manifest's fingerprint
+    records (`stages.detectors.resolved_teacher`: why workers re-read rather than receive weights)."""
     teacher_key = (job.checkpoint, job.digest, job.device, job.num_classes)
     if _WORKER.get("teacher_key") != teacher_key:
         _WORKER.pop("teacher", None)  # free the old teacher's (GPU) memory before loading
         device = _worker_device(job.device)
-        manifest = Manifest.load(as_path(job.root) / "manifest.json")
-        index = manifest.fingerprint.get("label_map", {}).get("index")  # the teacher's classes -> the dataset's
-        teacher = load_teacher(job.checkpoint, manifest.fingerprint["teacher_arch"], job.num_classes, index)
+        fp = Manifest.load(as_path(job.root) / "manifest.json").fingerprint
+        if resolved is not None and resolved.sha256 == fp["teacher_weights"]:
+            teacher = resolved.build()
+        else:
+            index = fp.get("label_map", {}).get("index")  # the teacher's classes -> the dataset's
+            teacher = reload_checked(job.checkpoint, fp["teacher_weights"], fp["teacher_arch"], job.num_classes, index)
         _WORKER.update(teacher_key=teacher_key, device=device, teacher=teacher.to(device).eval())
         _WORKER["teacher_loads"] = _WORKER.get("teacher_loads", 0) + 1  # per process: stats show it is 1
     if _WORKER.get("job") != job:
@@ -186,10 +193,10 @@ class ComputedBlock:
     started: float
 
 
-def compute_block(job: CacheJob, block: int) -> ComputedBlock | None:
+def compute_block(job: CacheJob, block: int, teacher: ResolvedTeacher | None = None) -> ComputedBlock | None:
     """Run the teacher over one block; encoding continues on the encoder threads. None if the
-    block is complete in every format already."""
-    state = _worker_state(job)
+    block is complete in every format already. `teacher`: the run's, when this is its process."""
+    state = _worker_state(job, teacher)
     if all(block in w.completed_blocks() for w in state["writers"]):
         return None
     t0 = time.perf_counter()
@@ -280,13 +287,14 @@ def cache_block(job: CacheJob, block: int) -> dict[str, Any]:
     return finish_block(job, computed)
 
 
-def cache_blocks(job: CacheJob, blocks: Iterable[int]) -> Iterator[dict[str, Any]]:
+def cache_blocks(job: CacheJob, blocks: Iterable[int], teacher: ResolvedTeacher | None = None) -> Iterator[dict[str, Any]]:
     """In-process pipeline: block b is written by a writer thread while block b + 1 runs on the
-    teacher. Yields each block's stats once it is on disk (a write error stops the pipeline)."""
+    teacher (built from `teacher`, the run's resolved one). Yields each block's stats once it is on
+    disk (a write error stops the pipeline)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-write") as writer:
         pending: Future | None = None
         for b in blocks:
-            computed = compute_block(job, b)
+            computed = compute_block(job, b, teacher)
             if pending is not None:
                 yield pending.result()
                 pending = None
