@@ -16,9 +16,12 @@ becomes SyncBatchNorm when `train.sync_bn`, each rank trains on its slice of eve
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -120,12 +123,63 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainParams) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, size limit, read-only folder, ...); one line
+    naming the file. The temporary file is already removed and the previous checkpoint kept."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1])
+
+
+class _RecordingWriter:
+    """A file object for torch.save that remembers the first OSError of a write: torch wraps it into
+    a RuntimeError about stream positions that no longer says the disk was full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# errnos that mean "no room": ENOSPC, EDQUOT, EFBIG (a file size limit, RLIMIT_FSIZE or the filesystem's)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a half checkpoint under the real name."""
+    """Atomic: a crash mid-write never leaves a half checkpoint under the real name, and a failed
+    write (full disk) removes its temporary file and raises CheckpointSaveError naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            sink = _RecordingWriter(f)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            f.flush()
+            os.fsync(f.fileno())  # the rename below must not publish data still in the page cache
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(err, OSError):
+            raise
+        reason = err.strerror or str(err)
+        what = "the disk is full or the file hits a size limit" if err.errno in _NO_ROOM else "the write failed"
+        kept = "the previous checkpoint is kept; " if path.exists() else ""
+        raise CheckpointSaveError(err.errno, f"{path}: checkpoint not saved, {what} ({reason}); {kept}free space "
+                                  f"in {path.parent} (or move the run) and rerun the same command") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -136,23 +190,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class CsvLog:
-    """Per-step metrics as CSV (what `dvc plots` reads); appends on resume."""
+    """Per-step metrics as CSV (what `dvc plots` reads); appends on resume.
+
+    On resume the log keeps the rows up to the checkpoint's step, the source of truth: rows a
+    crashed run logged after it are dropped, and so is a torn tail (a power loss can leave the
+    last lines as NUL bytes or half a row), with a note on stderr saying what was dropped."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path, self.fields = path, None
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step == 0 or not path.exists():
             path.write_text("")
-        else:  # drop rows a crashed run logged after its last checkpoint
-            with path.open() as f:
-                rows = list(csv.DictReader(f))
-            keep = [r for r in rows if int(r["step"]) <= resume_step]
-            self.fields = list(rows[0].keys()) if rows else None
-            with path.open("w", newline="") as f:
-                if self.fields:
-                    w = csv.DictWriter(f, self.fields)
-                    w.writeheader()
-                    w.writerows(keep)
+            return
+        self.fields, keep, torn = _readable_rows(path, resume_step)
+        if torn:
+            print(f"note: {path}: dropped {torn} torn line(s) at its end (NUL bytes or a half row, as a power "
+                  f"loss leaves them); resuming from the checkpoint at step {resume_step}", file=sys.stderr)
+        with path.open("w", newline="") as f:
+            if self.fields:
+                w = csv.DictWriter(f, self.fields)
+                w.writeheader()
+                w.writerows(keep)
 
     def write(self, row: dict[str, float]) -> None:
         new = self.fields is None
@@ -163,6 +221,35 @@ class CsvLog:
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+def _readable_rows(path: Path, resume_step: int) -> tuple[list[str] | None, list[dict], int]:
+    """(header, rows with step <= resume_step, number of torn lines): parsing stops at the first
+    line that is not a whole row of numbers; it and every line after it count as torn."""
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    header = next(csv.reader(lines[:1]), None)
+    if not header or "step" not in header or any("\x00" in h for h in header):
+        return None, [], len(lines)
+    keep = []
+    for i, line in enumerate(lines[1:], start=1):
+        row = next(csv.reader([line]), [])
+        if "\x00" in line or len(row) != len(header) or not _numeric(row, header.index("step")):
+            return header, keep, len(lines) - i
+        if int(row[header.index("step")]) <= resume_step:
+            keep.append(dict(zip(header, row, strict=True)))
+    return header, keep, 0
+
+
+def _numeric(row: list[str], step_at: int) -> bool:
+    """A whole logged row: an integer step, and numbers (or blanks) everywhere else."""
+    try:
+        int(row[step_at])
+        for v in row:
+            if v:
+                float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def train_loop(

@@ -90,7 +90,15 @@ def extra_levels(c5: int, fpn_channels: int, variant: str, arch: str) -> LastLev
 
 def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
     """Strictly load a ResNet state_dict file into `net` (the `fc.*` head and BN counters may be absent)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: model.pretrained_backbone not found; give a local ResNet state_dict file or ''")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle of objects (refused unread, never run), a truncated or foreign file
+        raise ValueError(
+            f"{path} (model.pretrained_backbone): not a weights-only checkpoint that torch.load(weights_only=True) "
+            f"reads ({type(err).__name__}); save the ResNet's plain state_dict: torch.save(net.state_dict(), path)"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a ResNet state_dict, got {type(state).__name__}")
     if "model" in state and "model_params" in state:  # a kdcache detector checkpoint: its trained ResNet body
