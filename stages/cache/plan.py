@@ -31,7 +31,6 @@ from stores import READERS, WRITERS
 from stores.codecs import parse_chain, require_libraries
 from stores.manifest import (
     MANIFEST_NAME,
-from stores.url import as_path, probe
     SCHEMA_VERSION,
     Manifest,
     check_cache_folder,
@@ -39,6 +38,7 @@ from stores.url import as_path, probe
     remove_store,
     sha256_file,
 )
+from stores.url import as_path, probe
 from stores.verify import invalidate_blocks
 
 
