@@ -1,6 +1,6 @@
 """A real S3 API for the object-storage tests: moto's server on 127.0.0.1, as s3fs's own tests run it.
 
-`s3_server` (session) starts ``moto.server.ThreadedMotoServer`` on a free loopback port and points
+`s3_server` (session-scoped) starts ``moto.server.ThreadedMotoServer`` on a free loopback port and points
 the standard AWS environment at it (dummy credentials, AWS_ENDPOINT_URL), so s3fs, zarr's
 FsspecStore and every subprocess (the CLI, dask workers) find it the way they would find MinIO or
 AWS. `s3_root` is a fresh ``s3://kdcache-test/<random>`` prefix per test. `restartable_server`
