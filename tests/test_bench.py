@@ -180,7 +180,7 @@ def test_benchmark_dataset_keeps_images_of_one_padded_size(tmp_path):
 
 
 def test_realscale_writes_every_headline_key_and_skips_a_missing_teacher(tmp_path, monkeypatch):
-    """A tiny random teacher at a small view (the real run is 800x1344): every key of the issue, seven
+    """A tiny random teacher at a small view (the real run is 800x1344): every headline key, seven
     methods, finite figures; a row whose checkpoint is missing is skipped with the command that makes it."""
     import torch
 
