@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args, positive_int
 from stages.cache.plan import resolve_train_teacher
-from stages.cache.run import run_cache
+from stages.cache.repair import repair_cache
+from stages.cache.run import resolved_cache_path, run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing cache at cache.path first "
                         "(only a folder holding a kdcache cache and nothing else)")
     parser.add_argument("--repair", action="store_true", help="verify the cache first and recompute every block "
-                        "verify names as damaged (inspect_cache --verify lists them)")
+                        "verify names as damaged (inspect_cache --verify lists them); damaged zarr metadata and an "
+                        "unreadable manifest.json are restored from the params first (stages.cache.repair)")
     parser.add_argument("--stats", help="write per-block timing/size stats as JSON here")
     args = parser.parse_args(argv)
     params = params_from_args(args)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         for line in teacher.report():  # what the teacher is and how its classes map, before any work
             print(line, flush=True)
         if args.repair and not args.overwrite:
-            _repair(Path(params.cache.path))
+            for line in repair_cache(params, Path(resolved_cache_path(params.cache.path))):  # stages.cache.repair
+                print(line, flush=True)
         summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
                             teacher=teacher)
     except CacheMismatchError as err:
@@ -55,20 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     done = summary["computed_blocks"]
     print(f"cache {summary['root']}: {summary['records']} records in {summary['blocks']} blocks "
           f"({done} computed now, {summary['blocks'] - done} already complete) in {summary['seconds']:.1f}s")
-
-
-def _repair(root: Path) -> None:
-    """Make the blocks verify finds damaged incomplete, so this run recomputes them (statics are
-    rewritten by every run when missing or damaged)."""
-    from stores.verify import invalidate_blocks, verify_store
-
-    if not (root / "manifest.json").exists():
-        return
-    report = verify_store(root)
-    if report.damaged_blocks:
-        invalidate_blocks(root, report.damaged_blocks)
-    print(f"repair: {len(report.damaged_blocks)} damaged blocks {report.damaged_blocks[:20]} will be recomputed, "
-          f"{len(report.missing_blocks)} missing ones completed", flush=True)
 
 
 if __name__ == "__main__":

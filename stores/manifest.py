@@ -185,8 +185,8 @@ class Manifest:
             raise
         except (OSError, ValueError) as err:
             raise ValueError(
-                f"cache manifest {path} is unreadable ({err}); delete the cache folder and "
-                "rerun python -m pipeline.cache_teacher"
+                f"cache manifest {path} is unreadable ({err}); rerun python -m pipeline.cache_teacher --repair "
+                "to rewrite it from the params (the stores are kept when they match them)"
             ) from None
         try:
             return cls.from_dict(data)

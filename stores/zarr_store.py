@@ -176,6 +176,16 @@ class ZarrCacheWriter(CacheWriter):
         # names the shard objects with their sizes (stores.commit)
         shards = ["meta"] + [f"targets/{f}" for f in sorted(families)]
         digests = {**digests, "objects": block_objects(self.store, shards, block)}
+        # read back before the marker vouches for the block: a damaged array shape makes zarr drop an
+        # out-of-range write silently, so check the extent is the plan's and every shard object landed
+        n = len(self.manifest.plan)
+        arrays = {f"targets/{f}": self._family_array(f) for f in families}
+        arrays |= {a: self._group[a] for a in ("meta", "index/image_size", "index/level_sizes")}
+        wrong = [f"array {a} holds {arr.shape[0]} records, not {n}" for a, arr in arrays.items() if arr.shape[0] != n]
+        wrong += [f"{s} has no shard object for it" for s in shards if f"{s}/c/{block}" not in digests["objects"]]
+        if wrong:
+            raise StoreWriteError(f"block {block} did not land in {self.store} ({wrong[0]}): its metadata is damaged; "
+                                  f"rerun {REBUILD} --repair (no done marker was written)")
         atomic_write_bytes(marker_path(self.store, block), json.dumps(digests, sort_keys=True).encode())
 
     def _array_dirs(self) -> list[Path]:
