@@ -25,6 +25,8 @@ from stages.cache.repair import repair_cache
 from stages.cache.run import resolved_cache_path, run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
+from stores.receipt import check_receipt_path, write_receipt
+from stores.url import is_url
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats", help="write per-block timing/size stats as JSON here")
     args = parser.parse_args(argv)
     params = params_from_args(args)
+    remote = is_url(params.cache.path)  # dvc tracks a local receipt in place of a cache at a URL
     try:
+        if remote:
+            check_receipt_path(params.cache.receipt)
         teacher = resolve_train_teacher(params)  # the checkpoint is read here, once, and passed down
         for line in teacher.report():  # what the teacher is and how its classes map, before any work
             print(line, flush=True)
@@ -48,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(line, flush=True)
         summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
                             teacher=teacher)
+        if remote:
+            write_receipt(params.cache.receipt, params.cache.path)
+            print(f"receipt {params.cache.receipt}: {params.cache.path} (stores.receipt)", flush=True)
     except CacheMismatchError as err:
         raise SystemExit(f"error: {err}; or pass --overwrite to replace it") from None
     except (ValueError, OSError, StoreError) as err:  # bad inputs, disk full, damaged store: one line each

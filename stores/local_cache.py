@@ -247,3 +247,18 @@ class LocalObjectCache:
                     p.unlink()
                     n += 1
         return n
+
+
+def install(cache_path: str, local_path: str, max_gb: float) -> LocalObjectCache | None:
+    """Route this process's shard reads (`stores.url.open_shard`, and so its forked loader workers')
+    of the cache at `cache_path` through a node-local cache at `local_path`, when the cache is at a
+    URL and `local_path` is set; otherwise read directly. Returns the cache (None: direct reads)."""
+    from stores.url import as_path, is_remote, set_shard_opener
+
+    root = as_path(cache_path)
+    if not local_path or not is_remote(root):
+        set_shard_opener(None)
+        return None
+    cache = LocalObjectCache(local_path, max(1, int(max_gb * 1e9)), fs=root.fs)
+    set_shard_opener(cache.open)
+    return cache

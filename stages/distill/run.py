@@ -43,6 +43,7 @@ from stages.losses.registry import LossContext, build_kd_losses
 from stages.run_lease import run_lease
 from stages.run_record import check_kind, check_out_folder, check_student_run
 from stages.training import EpochBatchSampler, save_checkpoint, train_loop
+from stores.local_cache import install as install_local_cache
 from stores.manifest import sha256_file
 from stores.provenance import check_store_provenance
 
@@ -154,6 +155,9 @@ def build_run(params: Params, experiment: str | None, resolved: ResolvedTeacher 
         t_box_dim, t_quality = teacher.box_dim, teacher.has_quality
         inputs = {"teacher_sha256": sha256_file(params.teacher.checkpoint)}
     else:
+        # a cache at a URL with cache.local set: shards read through the node's scratch-disk copy (forked
+        # loader workers inherit it)
+        install_local_cache(params.cache.path, params.cache.local.path, params.cache.local.max_gb)
         reader = open_reader(params.cache.path, distill.source)
         check_cache(reader, params, resolved)
         check_store_provenance(reader)  # zarr/ or wds/ written for this manifest, not copied from another cache
