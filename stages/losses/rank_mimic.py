@@ -19,8 +19,9 @@ because a softmax over probabilities cannot express the teacher's ranking sharpl
 |------------|--------------|-------------------|----------------------------|
 | L_RM       | rm/rank      | 4                 | M = every GT object of the batch (`rm.mean_over: objects`) |
 | L_PFI      | pfi/fpn      | 1.5               | mean over valid cells per level, mean over levels |
-Why M counts every GT: the paper writes L_RM = 1/M sum_{j=1..M} sum_i P^t_ij log(P^t_ij / P^s_ij) with
-M the number of objects; nothing in the formula drops an object, and an object with one candidate
+Why M counts every GT: the paper's L_RM = 1/M sum_{j=1..M} sum_i P^t_ij log(P^t_ij / P^s_ij), M the
+number of objects (as recalled from the paper; its method text could not be fetched through the tools
+here to quote); nothing in the formula drops an object, and an object with one candidate
 has the same one-point distribution on both sides, so its KL is exactly 0 and it only enters M (as
 does an object whose candidates all lie on padding, or one the assigner gave no candidate). The text
 does not discuss such objects, so the other reading is a named option: `mean_over: "ranked"` averages
