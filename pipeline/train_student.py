@@ -11,6 +11,8 @@ does not match these params (teacher, dataset, views, targets, codecs).
 Several processes: `torchrun --nproc_per_node N -m pipeline.train_student ...` (nccl on GPUs,
 gloo on CPU) trains one DistributedDataParallel model; `train.batch_size` is per process, so the
 global batch is N x train.batch_size. Rank 0 alone writes checkpoints, the log and metrics.json.
+CPU threads: `train.threads` (0 = the CPUs this process may use / local processes, or
+OMP_NUM_THREADS when set); the count used is printed first.
 See README "More than one machine".
 """
 

@@ -154,6 +154,31 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(tiny_coco, tiny_teacher, tmp_pa
     assert any(done.iterdir()), "the finished blocks are kept"
 
 
+def test_ctrl_c_of_a_dask_run_in_a_terminal_prints_no_dask_noise(tiny_coco, tiny_teacher, tmp_path):
+    """A terminal's Ctrl-C reaches every process of its group: the main process AND the dask
+    worker processes. stderr holds the progress bar and the one 'interrupted' line, nothing from
+    the cluster's shutdown (cancelled tasks, killed workers, tracebacks of interrupted workers)."""
+    view = type(VIEWS[0])
+    views = [view(s, s * 3 // 2, f) for s in (96, 112, 128, 144) for f in (False, True)]
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path, block_size=1, format="zarr", views=views)
+    path = write_params(params, tmp_path / "p.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cache_teacher", "--params", str(path), "--workers", "2"],
+                            cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True,  # its own process group, as a terminal's foreground job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = Path(params.cache.path) / "zarr" / "done"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (done.exists() and any(done.iterdir())):
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [part.strip() for line in err.splitlines() for part in line.split("\r")]
+    other = [line for line in lines if line and not line.startswith("cache blocks")]
+    assert len(other) == 1 and other[0].startswith("interrupted: ") and "finished blocks" in other[0], err[-4000:]
+
+
 @pytest.mark.parametrize("exc, needle", [
     (lambda: FileNotFoundError(2, "No such file or directory", "x/y.json"), "x/y.json"),
     (lambda: KeyError("image 7 is not in the plan"), "image 7 is not in the plan"),

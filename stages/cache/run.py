@@ -14,7 +14,10 @@ the CPU cores split between them (OMP/MKL threads), so N workers never oversubsc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +40,7 @@ def run_cache(
     """Build or resume the cache described by params; returns a summary with per-block stats.
     `teacher`: params' teacher as the entry point resolved it (else it is resolved here, once)."""
     params = replace(params, cache=replace(params.cache, path=resolved_cache_path(params.cache.path)))
+    resolve_device(params.cache.device, "cache.device")  # one this machine lacks: refused here, naming the field
     teacher = teacher or resolve_train_teacher(params)
     job, manifest = prepare_store(params, overwrite=overwrite, teacher=teacher)
     done = set.intersection(*[WRITERS[f](job.root, manifest).completed_blocks() for f in job.formats])
@@ -88,18 +92,48 @@ def _run_dask(job: CacheJob, todo: list[int], scheduler: str, n_workers: int, ba
         else:
             # DataLoader workers are children of the dask worker: allowed only if it is not daemonic
             stack.enter_context(dask.config.set({"distributed.worker.daemon": job.loader_workers == 0}))
-            if resolve_device(job.device).type == "cuda":
-                cluster = stack.enter_context(_gpu_cluster(n_workers))
-            else:
-                cluster = stack.enter_context(
-                    LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
-                )
+            with _children_ignore_sigint():
+                if resolve_device(job.device).type == "cuda":
+                    cluster = stack.enter_context(_gpu_cluster(n_workers))
+                else:
+                    cluster = stack.enter_context(
+                        LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+                    )
             client = stack.enter_context(Client(cluster))
         futures = client.map(cache_block, [job] * len(todo), todo, pure=False)
-        for future in as_completed(futures):
-            stats.append(future.result())
-            bar.update(1)
+        try:
+            for future in as_completed(futures):
+                stats.append(future.result())
+                bar.update(1)
+        except KeyboardInterrupt:
+            _quiet_shutdown(None if scheduler else client)
+            raise
     return stats
+
+
+def _quiet_shutdown(own_client) -> None:
+    """Ctrl-C: the cluster is closed next, and its processes log every task cancelled, claim released
+    late and worker killed on the way: noise before the entry point's one "interrupted" line. Silence
+    this process and the workers of our own local cluster (never those of a shared scheduler)."""
+    logging.disable(logging.CRITICAL)
+    if own_client is not None:
+        with contextlib.suppress(Exception):
+            own_client.run(logging.disable, logging.CRITICAL)  # on every worker of the local cluster
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Worker processes started inside inherit an ignored SIGINT. A terminal's Ctrl-C reaches every
+    process of its group, and workers interrupted on their own print tracebacks and warnings while
+    the main process, which closes them anyway, prints its one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def gpu_worker_env(gpu: int, n_workers: int, cpus: int | None = None) -> dict[str, str]:
