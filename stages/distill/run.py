@@ -44,7 +44,6 @@ from stages.run_lease import run_lease
 from stages.run_record import check_kind, check_out_folder, check_student_run
 from stages.training import EpochBatchSampler, save_checkpoint, train_loop
 from stores.local_cache import install as install_local_cache
-from stores.manifest import sha256_file
 from stores.provenance import check_store_provenance
 
 
@@ -153,7 +152,7 @@ def build_run(params: Params, experiment: str | None, resolved: ResolvedTeacher 
             p.requires_grad_(False)
         t_info = TeacherInfo(t_arch, teacher.num_classes, teacher.head)
         t_box_dim, t_quality = teacher.box_dim, teacher.has_quality
-        inputs = {"teacher_sha256": sha256_file(params.teacher.checkpoint)}
+        inputs = {"teacher_sha256": resolved.sha256}
     else:
         # a cache at a URL with cache.local set: shards read through the node's scratch-disk copy (forked
         # loader workers inherit it)
@@ -210,17 +209,18 @@ def cache_inputs(manifest) -> dict:
 
 
 def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, resolved: ResolvedTeacher | None = None) -> dict:
     """Train, evaluate on val, write out_dir/{model.pt, metrics.json, train_log.csv}; return metrics.
     One writer per run folder: rank 0 holds its lease (`stages.run_lease`) for the whole run."""
     check_out_folder(out_dir, params.data, params.cache.path, "--out")
     check_kind(out_dir, "student", overwrite=overwrite)  # a teacher's folder: refused before any work
     with run_lease(out_dir, "student", enabled=distributed.is_main()):
-        return _train_student(params, experiment, Path(out_dir), progress, overwrite)
+        return _train_student(params, experiment, Path(out_dir), progress, overwrite, resolved)
 
 
-def _train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool, overwrite: bool) -> dict:
-    run = build_run(params, experiment)
+def _train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool, overwrite: bool,
+                   resolved: ResolvedTeacher | None = None) -> dict:
+    run = build_run(params, experiment, resolved)
     check_student_run(params, run.distill, experiment, out_dir, overwrite, run.coco, run.inputs)  # stages.run_record
     student_cfg = params.student.model
     meta = checkpoint_dict(run.student, student_cfg)
