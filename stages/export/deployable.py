@@ -59,16 +59,38 @@ class Deployable(nn.Module):
                       0, (h + PAD_MULTIPLE - 1) // PAD_MULTIPLE * PAD_MULTIPLE - h))
         fpn = list(det.backbone(x).values())
         out = det.head(fpn)
-        # image_sizes: no clip inside torchvision's postprocess (it would bake the example's size into a
-        # trace as a constant); the same clip to the view frame follows, on sizes read off the tensor
+        view_hw = torch._shape_as_tensor(image)[2:].to(torch.float32)  # (h, w), a graph value under tracing
+        # torchvision's post-processing clips decoded boxes to the image before NMS, but would record the
+        # example's size as a constant in a trace: its clip gets a size no box reaches, and the decoder
+        # clips first, to the size read off the tensor (the same clamp, so the same values)
         dense = DetectorOutput(fpn=fpn, strides=list(det.strides), image_sizes=[(NO_CLIP, NO_CLIP)],
                                cls_logits=out.cls_logits, box_reg=out.box_reg, quality=out.quality,
                                anchors=det.anchors(fpn))
-        found = det.postprocess(dense)[0]
-        view_hw = torch._shape_as_tensor(image)[2:].to(torch.float32)  # (h, w), a graph value under tracing
-        orig_hw = original_size.to(torch.float32)
-        boxes = torch.minimum(found["boxes"].clamp(min=0), view_hw.flip(0).repeat(2))
+        coder = det.box_coder
+        det.box_coder = ClippingCoder(coder, view_hw.flip(0).repeat(2))
+        try:
+            found = det.postprocess(dense)[0]
+        finally:
+            det.box_coder = coder
         # view frame -> original frame and clip there: View.boxes_to_original (no flip at eval)
-        boxes = boxes * (orig_hw / view_hw).flip(0).repeat(2)
+        orig_hw = original_size.to(torch.float32)
+        boxes = found["boxes"] * (orig_hw / view_hw).flip(0).repeat(2)
         boxes = torch.minimum(boxes.clamp(min=0), orig_hw.flip(0).repeat(2))
         return boxes, found["scores"], self.category_ids[found["labels"]]
+
+
+class ClippingCoder:
+    """A detector's box coder whose decoded boxes are clipped to `limit` ([w, h, w, h]) as
+    torchvision's `clip_boxes_to_image` does (clamp to [0, w] / [0, h])."""
+
+    def __init__(self, coder, limit: Tensor):
+        self.coder, self.limit = coder, limit
+
+    def _clip(self, boxes: Tensor) -> Tensor:
+        return torch.minimum(boxes.clamp(min=0), self.limit.to(boxes.dtype))
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        return self._clip(self.coder.decode_single(rel_codes, boxes))
+
+    def decode(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        return self._clip(self.coder.decode(rel_codes, boxes))

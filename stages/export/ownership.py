@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ def read_mark(path: Path) -> str | None:
             if isinstance(state, dict):
                 mark = state.get(MARK) or (state.get("meta") or {}).get(MARK)
                 return mark.get(MARK) if isinstance(mark, dict) else None
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError):
+    except Exception:  # any unreadable or foreign file (onnx raises protobuf's own DecodeError): not ours
         return None
     return None
 
