@@ -69,6 +69,7 @@ from bench.realscale_rows import (  # noqa: F401  (TARGETS, teacher_row, ...: be
     kd_modules,
     photo_set,
     render_set,
+    resolve_floors,
     row_bases,
     step_ratio,
     teacher_row,
@@ -187,6 +188,7 @@ def measure_images(key, data, basis_set, hw, teacher, student, kd, index, work: 
     sets = {k: v for k, v in CODEC_SETS.items() if k == "default" or v != CODEC_SETS["default"]}
     if args.sets:
         sets = {k: v for k, v in sets.items() if k == "default" or k in args.sets.split(",")}
+    sets, floors = resolve_floors(teacher, basis_set, view, sets, device)
     bases = row_bases(teacher, basis_set, view, sets, device)
     before: list = []
     sinks = {"default": encoded, **({BEFORE_SET: before} if BEFORE_SET in sets and sets[BEFORE_SET] != CODECS else {})}
@@ -229,6 +231,7 @@ def measure_images(key, data, basis_set, hw, teacher, student, kd, index, work: 
         "targets": fid["targets"],
         "teacher_cls": fid["teacher_cls"],
         "per_image": fid["per_batch"],
+        "class_floors": floors,  # the fitted floor of each set with a topkKfFpP class chain (its codecs: resolved)
         "codec_sets": {k: {"codecs": sets[k], **{f: v[f] for f in ("bytes_per_record", "bytes_by_target",
                                                                     "grad_cosine", "loss_rel_err", "targets")}}
                        for k, v in all_sets.items()},

@@ -14,7 +14,7 @@ from PIL import Image
 from bench import loader as loader_bench
 from bench.common import REPO, interleaved
 from bench.fixtures import trained_checkpoint
-from stages.cache.basis import cpca_families, fit_bases
+from stages.cache.basis import cpca_families, fit_bases, fit_class_floors
 from stages.config import CacheParams, DistillParams
 from stages.data.batching import ViewDataset, collate
 from stages.data.coco import CocoDataset
@@ -26,6 +26,7 @@ from stages.distill.teacher_source import cached_records_to_device, live_records
 from stages.losses.registry import LOSS_NAMES, build_kd_losses
 from stores import Manifest, decode_record, open_writer
 from stores.base import target_family
+from stores.cache_basis import class_floor_chains, resolve_class_chains
 from stores.manifest import SCHEMA_VERSION, is_store, remove_store
 
 NAME = "realscale"
@@ -42,6 +43,9 @@ CODEC_SETS = {
     # at F 0.002 drops real classes of ambiguous anchors), measured on the same records for comparison
     "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
                                 "quality": "int8c+zstd"},
+    # class maps whose floor is fitted per cache (>= 0.015; at most 10 % of the class elements above it, on
+    # the row's basis images as stage 1 fits it): a teacher less sure on real photos keeps no more elements
+    "default+cls=topk24f0.015p0.1": {**CODECS, "cls": "topk24f0.015p0.1+lz4"},
     # class maps with a 0.01 floor under zstd: 16-62 % more class bytes, decoded 2-4x slower
     "default+cls=topk24f0.01+zstd": {**CODECS, "cls": "topk24f0.01+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
@@ -155,6 +159,18 @@ def row_bases(teacher, data: CocoDataset, view: View, sets: dict, device) -> dic
             out[name] = {n: np.ascontiguousarray(b[:, :ks[target_family(n)]]) for n, b in fitted.items()
                          if target_family(n) in ks}
     return out
+
+
+def resolve_floors(teacher, data: CocoDataset, view: View, sets: dict, device) -> tuple[dict, dict]:
+    """(sets with each topkKfFpP class chain resolved to topkKf<floor>, {set: {family: floor}}): the floor
+    fitted on `data` as stage 1 fits a cache's (`stages.cache.basis.fit_class_floors`)."""
+    out, floors = dict(sets), {}
+    for name, codecs in sets.items():
+        chains = class_floor_chains(codecs)
+        if chains:
+            floors[name] = fit_class_floors(teacher, batches(data, view, 1, device), chains, teacher.num_classes, device)
+            out[name] = {f: c.spec for f, c in resolve_class_chains(codecs, floors[name]).items()}
+    return out, floors
 
 
 def write_store(root: Path, encoded: list, strides: list[int], bases: dict | None = None,

@@ -138,3 +138,80 @@ class CacheBases:
 def attach_basis(c, bases: CacheBases | None):
     """`CacheBases.attach`, or `c` unchanged without bases (decoding a cpca blob then says why it fails)."""
     return c if bases is None else bases.attach(c)
+
+
+# ---------------------------------------------------------------- per-cache class floor (topkKfFpP)
+#
+# ``topkKfF`` keeps an anchor's classes >= F, a constant: a teacher that is less sure on a cache's
+# images (real photos leave more classes above 0.015 than synthetic renders) keeps more elements and
+# its class maps grow (bytes ~ kept elements). ``topkKfFpP`` instead fits the floor to the cache, as
+# cpca fits its basis: over the `cache.basis_images` sample, the smallest floor >= F that a share of at
+# most P of the class elements reach (its value rounded UP to 4 significant digits, so the share
+# stays <= P). Stage 1 stores it in ``static/class_floor.npz`` (one float64 [1] per family; sha256 in
+# the manifest's statics) and writes every blob with the resolved chain ``topkKf<floor>``: each blob
+# names its own floor, so readers decode it as any topkKfF blob, and caches written before this
+# chain existed read as they always did.
+
+CLASS_FLOOR_STATIC = "class_floor"
+_FLOOR_EDGES = 4096  # geometric histogram edges from F to 1: the floor is found to 0.1 % of its value
+
+
+def class_floor_chains(codecs: Mapping[str, Any]) -> dict[str, Any]:
+    """{family: chain} of the families whose chain is topkKfFpP (a floor to fit per cache)."""
+    from stores.chains import parse_chain
+
+    out = {}
+    for family, spec in codecs.items():
+        chain = parse_chain(spec)
+        if chain.transform == "topk" and len(chain.param) > 2:
+            out[family] = chain
+    return out
+
+
+class ClassFloorFit:
+    """Streaming histogram of class probabilities (numpy or torch [C, ...]) above a minimum floor."""
+
+    def __init__(self, floor_min: float):
+        if not 0.0 < floor_min < 1.0:
+            raise ValueError(f"class floor fit: minimum floor must be in (0, 1), got {floor_min}")
+        self.edges = np.geomspace(floor_min, 1.0, _FLOOR_EDGES)
+        self.counts = np.zeros(_FLOOR_EDGES, np.int64)  # counts[i]: elements in [edges[i], edges[i + 1])
+        self.total = 0
+
+    def add(self, x: Any) -> None:
+        v = np.asarray(x.detach().float().cpu() if hasattr(x, "detach") else x, dtype=np.float32).ravel()
+        if not np.all(np.isfinite(v)):
+            raise ValueError("class floor fit: the class maps have non-finite values (NaN/inf): the teacher diverged?")
+        bins = np.searchsorted(self.edges, v, side="right") - 1  # -1: below the minimum floor
+        self.counts += np.bincount(bins[bins >= 0], minlength=_FLOOR_EDGES)[:_FLOOR_EDGES]
+        self.total += v.size
+
+    def floor(self, share: float) -> float:
+        """The smallest edge that at most `share` of the elements reach, rounded up to 4 significant digits
+        (the histogram's resolution, 0.17 % per edge at F = 0.001; the chain spec prints it exactly)."""
+        if self.total == 0:
+            raise ValueError("class floor fit: no class maps were sampled")
+        reach = np.cumsum(self.counts[::-1])[::-1]  # reach[i]: elements >= edges[i]
+        ok = np.flatnonzero(reach <= share * self.total)
+        edge = float(self.edges[ok[0]]) if ok.size else 1.0
+        floor = float(f"{edge:.4g}")
+        if floor < edge:  # rounding went down: one unit up in the fourth significant digit
+            floor = float(f"{floor + 10 ** (np.floor(np.log10(edge)) - 3):.4g}")
+        return min(max(floor, float(self.edges[0])), 0.999)
+
+
+def resolve_class_chains(codecs: Mapping[str, Any], floors: Mapping[str, float] | None) -> dict[str, Any]:
+    """`codecs` ({family: CodecChain}) with every topkKfFpP chain replaced by topkKf<its fitted floor>;
+    without a fitted floor for it, ValueError (a blob must never be written with an unresolved floor)."""
+    from stores.chains import CodecChain, parse_chain
+
+    out = {}
+    for family, spec in codecs.items():
+        chain = parse_chain(spec)
+        if chain.transform == "topk" and len(chain.param) > 2:
+            if not floors or family not in floors:
+                raise ValueError(f"codec {chain.spec} for {family!r} needs the cache's fitted class floor "
+                                 f"(static/{CLASS_FLOOR_STATIC}.npz, written by python -m pipeline.cache_teacher)")
+            chain = CodecChain("topk", chain.lossless, (chain.param[0], float(floors[family])))
+        out[family] = chain
+    return out

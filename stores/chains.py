@@ -38,7 +38,8 @@ CODEC_CHAINS_FOR_BENCH = [
 
 _VALID_FORMS = (
     "'<transform>+<lossless>' with transform one of raw, fp16, bitroundN (N = 1..23 mantissa bits), "
-    "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), maskT (0 <= T <= 1), "
+    "int8c, sparseT (0 < T <= 1), u8p, topkKfF (K >= 1 classes per anchor, 0 < F < 1), topkKfFpP (the floor "
+    "fitted per cache, >= F, so that a share P of the class elements pass it), maskT (0 <= T <= 1), "
     "pcaK (K >= 1), pcaKsS (K >= 1, S > 0), cpcaKsS (K >= 1, S > 0: the cache's own basis), zfpT (0 < T < 1), szT (0 < T < 1) and lossless one of zstd, blosc, "
     "pco, bzstd, blz4, lz4, none; e.g. 'fp16+zstd', 'int8c+zstd', 'topk2f0.01+zstd', 'mask0.05+zstd', 'pca64s0.3+pco'"
 )
@@ -46,7 +47,8 @@ _VALID_FORMS = (
 @dataclass(frozen=True)
 class CodecChain:
     """A parsed chain. ``param`` is N for bitround, T for sparse / mask / zfp / sz, K for pca, (K, F)
-    for topk, (K, S) for pcas (written pcaKsS) and cpca (cpcaKsS), None otherwise."""
+    for topk ((K, F, P) for topkKfFpP, whose floor stage 1 fits per cache: blobs are written with the
+    resolved (K, floor) chain), (K, S) for pcas (written pcaKsS) and cpca (cpcaKsS), None otherwise."""
 
     transform: str
     lossless: str
@@ -62,7 +64,7 @@ class CodecChain:
         elif self.transform == "pca":
             head = f"pca{self.param}"
         elif self.transform == "topk":
-            head = f"topk{self.param[0]}f{self.param[1]:g}"
+            head = f"topk{self.param[0]}f{self.param[1]:g}" + (f"p{self.param[2]:g}" if len(self.param) > 2 else "")
         elif self.transform == "pcas":
             head = f"pca{self.param[0]}s{self.param[1]:g}"
         elif self.transform == "cpca":
@@ -82,7 +84,7 @@ class CodecChain:
 _RE_BITROUND = re.compile(r"^bitround(\d+)$")
 _NUM = r"((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)"
 _RE_SPARSE = re.compile(r"^sparse" + _NUM + "$")
-_RE_TOPK = re.compile(r"^topk(\d+)f" + _NUM + "$")
+_RE_TOPK = re.compile(r"^topk(\d+)f" + _NUM + "(?:p" + _NUM + ")?$")
 _RE_MASK = re.compile(r"^mask" + _NUM + "$")
 _RE_ZFP = re.compile(r"^zfp" + _NUM + "$")
 _RE_PCA = re.compile(r"^pca(\d+)$")
@@ -124,7 +126,13 @@ def _parse_compact(spec: str, head: str, lossless: str) -> CodecChain:
         k, f = int(m.group(1)), float(m.group(2))
         if k < 1 or not 0.0 < f < 1.0:
             raise ValueError(f"bad codec chain {spec!r}: topkKfF needs K >= 1 and 0 < F < 1, got K={k}, F={f}")
-        return CodecChain("topk", lossless, (k, f))
+        if m.group(3) is None:
+            return CodecChain("topk", lossless, (k, f))
+        share = float(m.group(3))  # topkKfFpP: the floor is fitted per cache (stores.cache_basis.class_floor)
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"bad codec chain {spec!r}: topkKfFpP needs 0 < P < 1 (the share of class elements a "
+                             f"cache keeps above its floor), got P={share}")
+        return CodecChain("topk", lossless, (k, f, share))
     m = _RE_MASK.match(head)
     if m:
         t = float(m.group(1))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.cache.basis import load_class_floors
 from stages.cache.claims import claim, remove_stale_temps
 from stages.cache.device_codecs import DeviceBasis
 from stages.cache.plan import WRITERS, CacheJob
@@ -42,6 +43,7 @@ from stages.data.views import View
 from stages.detectors.resolved_teacher import ResolvedTeacher, reload_checked
 from stages.training import resolve_device
 from stores.base import EncodedRecord, codec_inputs, load_codec_bases, target_family
+from stores.cache_basis import resolve_class_chains
 from stores.codecs import CodecChain, effective_chain, pack, parse_chain
 from stores.manifest import Manifest
 from stores.url import as_path
@@ -84,6 +86,7 @@ def _worker_state(job: CacheJob, resolved: ResolvedTeacher | None = None) -> dic
             _WORKER["writers"] = [WRITERS[f](job.root, manifest) for f in job.formats]
         bases = load_codec_bases(as_path(job.root), manifest)  # cpca chains: the cache's basis, on the device once
         _WORKER["bases"] = {n: DeviceBasis.of(b, _WORKER["device"]) for n, b in bases.by_name.items()} if bases else None
+        _WORKER["class_floors"] = load_class_floors(as_path(job.root), manifest)  # topkKfFpP: the fitted floors
     if "encoder" not in _WORKER:
         _WORKER["encoder"] = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="kdcache-encode")
     return _WORKER
@@ -208,7 +211,7 @@ def compute_block(job: CacheJob, block: int, teacher: ResolvedTeacher | None = N
     keys = manifest.block_records(block)
     dropped = set(manifest.dropped)
     live = [k for k in keys if k[0] not in dropped]  # dropped images get placeholders (finish_block)
-    codecs = {f: parse_chain(c) for f, c in fp["codecs"].items()}
+    codecs = resolve_class_chains(fp["codecs"], state.get("class_floors"))  # blobs name their resolved floor
     batches = block_batches(live, views, dataset, job.batch_size)
     items = ViewDataset.from_pairs(dataset, [(image_id, views[key]) for image_id, key in live])
     encoded, teacher_s = [], 0.0
