@@ -13,7 +13,7 @@ disk, and the node fetches each shard once:
   locks); the kernel releases a killed holder's lock.
 - **Never a partial file.** An object is fetched to ``<name>.part-<pid>`` and renamed into place only
   after its size (and checksum, when the caller knows one) matched; its record
-  ``<name>.json`` (URL, size, crc32c of the bytes) is written before the rename, so a data file is
+  ``records/<name>.json`` (URL, size, crc32c of the bytes) is written before the rename, so a data file is
   trusted only next to the record of the same bytes.
 - **Verified before trusted.** A cached file is served only if its size equals the record's and the
   size / crc32c the caller expects (from the block's sidecar or done marker, which the reader reads
@@ -80,6 +80,7 @@ class LocalObjectCache:
         try:
             (self.root / "locks").mkdir(parents=True, exist_ok=True)
             (self.root / "objects").mkdir(parents=True, exist_ok=True)
+            (self.root / "records").mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise LocalCacheError(err.errno, f"cannot create the local cache at {self.root} ({err.strerror}): "
                                   "set cache.local.path to a writable scratch folder") from None
@@ -120,7 +121,7 @@ class LocalObjectCache:
         return self.root / "objects" / name
 
     def _record(self, name: str) -> Path:
-        return self.root / "objects" / f"{name}.json"
+        return self.root / "records" / f"{name}.json"  # apart: an object may itself be named *.json
 
     def _open_cached(self, name: str, url: str, size: int | None, crc32c: int | None) -> BinaryIO | None:
         data = self._data(name)
@@ -166,7 +167,7 @@ class LocalObjectCache:
                 f"{size} bytes (crc32c {crc32c}): the object is damaged or was replaced mid-read; "
                 "rerun inspect_cache --verify on the store")
         record = json.dumps({"url": url, "size": got, "crc32c": crc}).encode()
-        tmp = self._record(name).with_suffix(f".json.part-{os.getpid()}")
+        tmp = self._record(name).with_name(f"{name}.json.part-{os.getpid()}")
         tmp.write_bytes(record)
         os.replace(tmp, self._record(name))  # the record first: a data file is trusted only beside it
         os.replace(part, self._data(name))
@@ -200,7 +201,7 @@ class LocalObjectCache:
         """(last use in ns, bytes, name) of every complete cached object, oldest first."""
         out = []
         for p in (self.root / "objects").iterdir():
-            if p.suffix == ".json" or ".part-" in p.name:
+            if ".part-" in p.name:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
@@ -241,7 +242,7 @@ class LocalObjectCache:
         """Remove ``.part-<pid>`` files a killed fetch left behind (older than `older_than_s`)."""
         cutoff = time.time() - older_than_s
         n = 0
-        for p in (self.root / "objects").glob("*.part-*"):
+        for p in [*(self.root / "objects").glob("*.part-*"), *(self.root / "records").glob("*.part-*")]:
             with contextlib.suppress(FileNotFoundError):
                 if p.stat().st_mtime < cutoff:
                     p.unlink()

@@ -114,6 +114,27 @@ def test_least_recently_used_objects_are_evicted_to_stay_under_max_bytes(tmp_pat
     assert len(gets(log)) == n + 1, "the evicted one is fetched again"
 
 
+def test_objects_named_like_records_are_counted_and_evicted(tmp_path):
+    side = tmp_path / "bucket" / "shard-000000.json"  # a sidecar is a .json object
+    side.parent.mkdir()
+    side.write_bytes(os.urandom(4000))
+    cache, _ = make_cache(tmp_path, max_bytes=3000)
+    cache.read(f"file://{side}")
+    assert [size for _, size, _ in cache.entries()] == [4000], "kept while it is the one just fetched"
+    cache.evict()
+    assert cache.entries() == [] and cache.stats["evicted"] == 1
+
+
+def test_leftover_part_files_of_killed_fetches_are_cleaned(tmp_path, remote):
+    cache, _ = make_cache(tmp_path)
+    part = tmp_path / "scratch" / "objects" / "x.part-4242"
+    part.write_bytes(b"half")
+    os.utime(part, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / "scratch" / "objects" / "y.part-4243"  # a fetch in progress right now: kept
+    fresh.write_bytes(b"half")
+    assert cache.clean_partial(older_than_s=3600) == 1 and not part.exists() and fresh.exists()
+
+
 def test_a_partial_or_damaged_local_copy_is_never_served(tmp_path, remote):
     cache, log = make_cache(tmp_path)
     url = remote[1]
@@ -134,7 +155,7 @@ def test_a_partial_or_damaged_local_copy_is_never_served(tmp_path, remote):
     assert LocalObjectCache(tmp_path / "scratch", 1 << 20, fs=cache.fs).read(url) == body(url)
     assert len(gets(log)) == 3
     # a data file with no record (killed between the two renames of an older layout) is refetched
-    (objects / f"{name}.json").unlink()
+    (tmp_path / "scratch" / "records" / f"{name}.json").unlink()
     assert cache.read(url) == body(url) and len(gets(log)) == 4
 
 
