@@ -28,6 +28,13 @@ def summary_md(result: dict) -> str:
                    for name, row in r["teachers"].items() if "grad_cosine" in row]
     by_method = ("\n\nLoader rec/s per worker (zarr / wds) reading what a run of each method reads:\n\n"
                  + md_table(["teacher", *LOSS_NAMES], method_rows)) if method_rows else ""
+    ratios = [f"{name}: zarr {q['zarr']:.2f}x, wds {q['wds']:.2f}x" for name, row in r["teachers"].items()
+              if (q := row.get("loader_over_synthetic_row")) and q.get("zarr") and q.get("wds")]
+    by_method += ("\n\nLoader rec/s on the real photos over the same teacher's synthetic row, measured in the same "
+                  "run: " + "; ".join(ratios) + ".") if ratios else ""
+    floors = [f"{name}: {', '.join(f'{k} {v}' for k, v in row['class_floors'].items())}"
+              for name, row in r["teachers"].items() if row.get("class_floors")]
+    by_method += ("\n\nFitted class floors (topkKfFpP sets, on the row's basis images): " + "; ".join(floors) + ".") if floors else ""
     return (md_table(head, rows) + by_method + f"\n\nView {r['view'][0]}x{r['view'][1]}; default codecs: {codecs}. cos = min over "
             "images of the cosine between the KD loss's gradient w.r.t. the student's outputs with cached vs live "
             "targets; err = max relative KD-loss error. before: the same records with a per-record FPN basis "
