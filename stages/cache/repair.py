@@ -5,9 +5,9 @@ Order matters; nothing is deleted before every check that could refuse has passe
 1. The manifest is a pure function of the params (fingerprint, plan, block split), so it is
    rebuilt from them first. An unreadable manifest.json is restored from it, but only when the
    stores prove they were built for exactly that manifest: the zarr store's recorded fingerprint
-   digest and index (its plan), every done marker's and sidecar's digest. Statics are re-recorded
-   only where the blocks can vouch for them (the codec basis, which blobs name by id; the teacher
-   head is rewritten from the teacher by the run that follows).
+   digest and index (its plan), every done marker's and sidecar's digest. The fitted statics the
+   blocks were coded with (cpca basis, class floors, which the blobs name) are re-recorded as they
+   are; the teacher head is not: the run that follows rewrites it from the teacher.
 2. A readable manifest is checked against the params (fields, plan, block size) BEFORE anything
    is invalidated: a manifest with swapped plan entries is refused with every block intact.
 3. Array metadata (each array's zarr.json: shape, chunk / shard shape, codecs) and the index
@@ -33,7 +33,6 @@ from stages.cache.fingerprint import keep_cached_plan
 from stages.cache.plan import build_manifest
 from stages.config import Params
 from stages.data.coco import CocoDataset
-from stores.cache_basis import BASIS_STATIC
 from stores.manifest import (
     MANIFEST_NAME,
     CacheMismatchError,
@@ -89,10 +88,9 @@ def restore_manifest(root: Path, expected: Manifest) -> Manifest:
         errors += _plan_errors(root, expected, fmt, blocks)
         if errors:
             raise CacheMismatchError(f"cache manifest {root / MANIFEST_NAME} is unreadable: {errors[0]}; {fix}")
-    statics = {}
-    basis = root / "static" / f"{BASIS_STATIC}.npz"
-    if basis.exists():  # the blobs were coded against it and name it by id: verify decodes them with it
-        statics[BASIS_STATIC] = sha256_file(basis)
+    # fitted statics (the cpca basis, the class floors) are what the blocks were coded with (their blobs
+    # name them): kept, not refitted; the teacher head is not re-recorded: the run rewrites it from the teacher
+    statics = {p.stem: sha256_file(p) for p in sorted((root / "static").glob("*.npz")) if p.stem != "head"}
     manifest = replace(expected, statics=statics)
     manifest.save(root / MANIFEST_NAME)
     return manifest
