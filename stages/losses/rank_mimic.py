@@ -25,7 +25,7 @@ here to quote); nothing in the formula drops an object, and an object with one c
 has the same one-point distribution on both sides, so its KL is exactly 0 and it only enters M (as
 does an object whose candidates all lie on padding, or one the assigner gave no candidate). The text
 does not discuss such objects, so the other reading is a named option: `mean_over: "ranked"` averages
-over the GTs with >= 2 candidates on valid cells only (an earlier behaviour of this module), which is
+over the GTs with >= 2 candidates on valid cells only (the GTs that have a ranking to mimic), which is
 M / M_ranked times larger, e.g. 4/3 when 1 of 4 GTs has a single candidate.
 
 PFI (paper weight 1.5): per level and valid cell, the weight P = mean over the A*K class channels of
