@@ -10,7 +10,7 @@ table; candidates on padded cells are dropped). The indices address
 `flatten_levels` order, so student and teacher need the same anchors per location.
 z (`rm.scores`): "logits" (default) = the pre-sigmoid class scores (the cache stores the teacher's
 sigmoid probability p; z_t = log(p / (1 - p)), p clamped to [1e-6, 1 - 1e-6]); "probs" = the
-sigmoid probabilities (the old behaviour: a softmax over values in [0, 1] is nearly uniform, so
+sigmoid probabilities (a softmax over values in [0, 1] is nearly uniform, so
 the rank signal is weak). T (`rm.temperature`) = 1. The paper's exact definition of the score fed
 to the softmax could not be read here (its method text was not reachable); logits are chosen
 because a softmax over probabilities cannot express the teacher's ranking sharply.

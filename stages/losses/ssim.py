@@ -11,7 +11,7 @@ phi: min-max rescaling to [0, 1]; a: optional 1x1 adapter; D: an SSIM-based diss
 | side shorter than the window | not smoothed along that side (`ssim.short_side: skip`, as pytorch-msssim) | - |
 | D                           | (1 - SSIM) / 2 (`ssim.half: true`; false = 1 - SSIM) | -                  |
 | 1/N_k sum over elements     | mean over channels and cells per image, mean over images | N_k = C*h*w       |
-| sum over k                  | sum over levels (`ssim.levels: sum`; mean = the old behaviour) | -             |
+| sum over k                  | sum over levels (`ssim.levels: sum`; `mean` averages them)     | -             |
 | lambda                      | the caller's weight (`distill.losses.ssim`)  | paper: 2-4                       |
 What could not be read here: the method section of the paper beyond the general form above (its
 text was not reachable through the tools available), so the granularity of phi (per map, the
