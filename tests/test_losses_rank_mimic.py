@@ -52,7 +52,7 @@ def test_rank_mimic_by_hand():
     # mean_over="ranked": only the 2 GTs with >= 2 candidates count
     ranked = RankMimicLoss(3, mean_over="ranked")(student, teacher, gt_targets())["rank"]
     assert math.isclose(ranked.item(), kls / 2, rel_tol=1e-5)
-    # scores="probs": the old softmax over probabilities; temperature divides both sides
+    # scores="probs": a softmax over probabilities; temperature divides both sides
     probs = logits.sigmoid()
     got = RankMimicLoss(3, scores="probs", temperature=0.5)(student, teacher, gt_targets())["rank"]
     expect = (kl_softmax([p / 0.5 for p in (0.9, 0.5, 0.1)], [probs[0, i, 0].item() / 0.5 for i in (0, 1, 5)])
