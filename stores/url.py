@@ -216,8 +216,11 @@ def probe(path) -> None:
     bucket = p.split("/", 1)[0]
     step = "cannot list"
     try:
-        if not fs.exists(bucket):  # a missing bucket lists as empty: ask for the bucket itself
-            raise FileNotFoundError(f"NoSuchBucket: bucket {bucket} does not exist")
+        if getattr(path, "protocol", "") in ("s3", "s3a"):  # a missing bucket lists as empty: ask for it
+            try:
+                fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"NoSuchBucket: bucket {bucket} does not exist") from None
         fs.ls(p, detail=False) if fs.exists(p) else None
         step = "cannot write to"
         name = f"{p.rstrip('/')}/.kdcache-probe-{uuid.uuid4().hex[:12]}"

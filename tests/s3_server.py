@@ -11,6 +11,7 @@ Import the fixtures into a test module: ``from tests.s3_server import s3_root, s
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -66,6 +67,7 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server():
     pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = S3Server()
     server.start()
     saved = {k: os.environ.get(k) for k in server.env()}
