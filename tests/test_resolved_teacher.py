@@ -149,3 +149,23 @@ def test_resolved_teacher_is_the_file_mapped_onto_the_dataset(tiny_coco, tiny_te
     assert det.num_classes == teacher.num_classes == train.num_classes
     assert on_val.label_map.index == tuple(range(val.num_classes)) and on_val.sha256 == teacher.sha256
     assert any(line.startswith("label map onto") for line in teacher.report())
+
+
+@pytest.mark.slow  # ~1 min on a shared 2-core machine; the fast equivalent runs cache_block as a worker does
+def test_cache_teacher_on_dask_refuses_a_checkpoint_replaced_mid_run(tiny_coco, tmp_path, monkeypatch):
+    """End to end on a local dask cluster (real worker processes): the checkpoint is replaced after
+    the driver planned the cache, before the workers start; the run stops with one line naming it."""
+    from stages.cache import run as cache_run
+
+    ckpt = make_teacher(tmp_path / "teacher.pt", 6, seed=0)
+    params = tiny_params(tiny_coco, ckpt, tmp_path, format="zarr", targets=["fpn"], n_workers=2,
+                         views=tiny_params(tiny_coco, ckpt, ".").cache.views[:1])
+    real = cache_run._run_dask
+
+    def replace_then_run(job, *args, **kwargs):
+        make_teacher(ckpt, 6, seed=1)  # retrained under the same name while the run is going
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(cache_run, "_run_dask", replace_then_run)
+    msg = run_main(params, tmp_path)
+    assert msg.startswith(f"error: teacher checkpoint {ckpt} changed during the run") and "\n" not in msg, msg
