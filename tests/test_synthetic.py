@@ -21,6 +21,7 @@ def test_same_seed_byte_identical(tmp_path):
     b = generate(tmp_path / "b", seed=3, num_train=5, num_val=2, min_side=96, max_side=140, progress=False)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert sorted(fa) == [
+        ".make_dataset.json",  # the record of what it wrote (stages.data.dataset_record)
         "annotations/instances_train.json",
         "annotations/instances_val.json",
         *[f"train/{i:06d}.png" for i in range(1, 6)],
