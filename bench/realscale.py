@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from bench import loader as loader_bench
-from bench.common import dump_json, machine_info, make_parser, settings_from, setup_torch, workdir
+from bench.common import REPO, dump_json, machine_info, make_parser, settings_from, setup_torch, workdir
 from bench.realscale_rows import (  # noqa: F401  (TARGETS, teacher_row, ...: bench.codec_sets reads them here)
     BEFORE_SET,
     BOX_SCORE,
@@ -127,7 +127,7 @@ TEACHERS: dict[str, dict[str, Any]] = {
 def measure_rows(name: str, spec: dict, work: Path, args, settings, device) -> dict[str, dict[str, Any]]:
     """The teacher's rows, one per image source (`--sources`): {name: synthetic renders, name/photos:
     real photos}. One student, warmed up once, is measured on each (side by side, same process)."""
-    teacher, desc = teacher_row(name, spec, device)
+    teacher, desc = teacher_row(name, spec, device, args.runs_root)
     if teacher is None:
         return {name: {"teacher": desc}}
     t0 = time.perf_counter()
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "real photos, row NAME/photos); default: both for a trained teacher, synthetic for a "
                              "random one")
     parser.add_argument("--photo-view", default=f"{PHOTO_HW[0]},{PHOTO_HW[1]}", help="H,W the photos are resized to")
+    parser.add_argument("--runs-root", type=Path, default=REPO,
+                        help="the checkout whose runs/ hold the trained teachers (default: this one)")
     parser.add_argument("--tag", default="",
                         help="a reduced run's name: writes realscale-TAG.json (marked reduced), not realscale.json")
     args = parser.parse_args(argv)

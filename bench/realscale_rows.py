@@ -93,15 +93,16 @@ def batches(dataset: CocoDataset, view: View, size: int, device: torch.device) -
     return out
 
 
-def teacher_row(name: str, spec: dict, device: torch.device) -> tuple[torch.nn.Module | None, dict]:
-    """The teacher of a row and its description (arch, backbone, fpn_channels, num_classes, how trained)."""
+def teacher_row(name: str, spec: dict, device: torch.device, root: Path = REPO) -> tuple[torch.nn.Module | None, dict]:
+    """The teacher of a row and its description (arch, backbone, fpn_channels, num_classes, how trained);
+    its checkpoint path is relative to `root` (a checkout whose runs/ hold the trained teachers)."""
     if not spec["checkpoint"]:
         torch.manual_seed(0)
         teacher = build_detector(spec["model"], spec["num_classes"])
         backbone, used = spec["model"].backbone, None
         how = "random weights (seeded), no trained COCO weights available here: a shape row, not a quality row"
     else:
-        path, how = trained_checkpoint(REPO / spec["checkpoint"])
+        path, how = trained_checkpoint(Path(root) / spec["checkpoint"])
         if path is None:
             return None, {"skipped": f"{how}: make it with `{spec['make']}`"}
         teacher = load_detector(path)
