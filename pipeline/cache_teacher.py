@@ -17,7 +17,6 @@ disk or a kill leaves the finished blocks in place for the rerun.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pipeline.params import make_parser, params_from_args, positive_int
 from stages.cache.plan import resolve_train_teacher
@@ -26,7 +25,7 @@ from stages.cache.run import resolved_cache_path, run_cache
 from stores.base import StoreError
 from stores.manifest import CacheMismatchError
 from stores.receipt import check_receipt_path, write_receipt
-from stores.url import is_url
+from stores.url import as_path, is_url, probe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,11 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if remote:
             check_receipt_path(params.cache.receipt)
+            probe(as_path(params.cache.path))  # list + write + delete a probe object: one line if refused
         teacher = resolve_train_teacher(params)  # the checkpoint is read here, once, and passed down
         for line in teacher.report():  # what the teacher is and how its classes map, before any work
             print(line, flush=True)
         if args.repair and not args.overwrite:
-            for line in repair_cache(params, Path(resolved_cache_path(params.cache.path))):  # stages.cache.repair
+            for line in repair_cache(params, as_path(resolved_cache_path(params.cache.path))):  # stages.cache.repair
                 print(line, flush=True)
         summary = run_cache(params, n_workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
                             teacher=teacher)

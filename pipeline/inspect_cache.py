@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="PNG path for --show / JSON path for the report (default: print)")
     args = parser.parse_args(argv)
     params = params_from_args(args)
-    root = Path(args.store or params.cache.path)
+    from stores.url import as_path
+
+    root = as_path(args.store or params.cache.path)  # a local folder or a URL (s3://...)
 
     from stages.cache.plan import open_reader
     from stores.base import StoreError

@@ -14,6 +14,7 @@ allocates anything, so a small compressed file cannot make the reader allocate g
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from collections.abc import Mapping
@@ -125,9 +126,9 @@ def npz_member_errors(path: str | Path, expected: Mapping[str, tuple[tuple[int, 
     """Check an .npz from its zip directory and .npy headers only: exactly the `expected` members
     ({name: (shape, dtype)}), each declaring that shape and dtype, and no member inflating to more
     than its declared array's bytes. Nothing is decompressed beyond a header."""
-    path = Path(path)
+    path = as_path(path)  # a local file or an object (stores.url)
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
             infos = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
             if set(infos) != set(expected):
                 extra = sorted(set(infos) - set(expected))[:3]
@@ -155,16 +156,16 @@ def npz_member_errors(path: str | Path, expected: Mapping[str, tuple[tuple[int, 
 def check_head_static(root: str | Path, manifest: Manifest, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> Path:
     """static/head.npz as the manifest vouches for it: its sha256 recorded and equal, and its
     members the teacher head's (names, shapes, dtypes from the zip headers): else ValueError."""
-    path = Path(root) / "static" / "head.npz"
+    path = as_path(root) / "static" / "head.npz"
     want = manifest.statics.get("head")
     fix = f"rerun {REBUILD} to rewrite it from the cache's teacher"
     if not path.exists():
         raise ValueError(f"{path} is missing: the teacher head (CrossKD / CSKD) comes from it; {fix}")
     if not want:
-        raise ValueError(f"{path} is not recorded in {Path(root) / 'manifest.json'}: nothing vouches it is this "
+        raise ValueError(f"{path} is not recorded in {as_path(root) / 'manifest.json'}: nothing vouches it is this "
                          f"cache's teacher head; {fix}")
     if sha256_file(path) != want:
-        raise ValueError(f"{path} does not match the sha256 {Path(root) / 'manifest.json'} records (damaged or "
+        raise ValueError(f"{path} does not match the sha256 {as_path(root) / 'manifest.json'} records (damaged or "
                          f"replaced by another teacher's head); {fix}")
     errors = npz_member_errors(path, expected)
     if errors:

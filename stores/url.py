@@ -28,10 +28,13 @@ import contextlib
 import io
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
 
 # listings are read fresh: another process's marker must be seen by the next scan (S3 is strongly
 # consistent; fsspec's listing cache would not be)
@@ -112,6 +115,25 @@ def write_new(path, data: bytes) -> bool:
     return True
 
 
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # seconds between the attempts of a read the store did not answer
+
+
+def retrying(call: Callable[[], T]) -> T:
+    """`call()`, retried with backoff (`RETRY_DELAYS`, ~4 s in all) when an object store does not
+    answer: a restarting server or a network blip costs a pause, not the run. A missing object
+    (FileNotFoundError) is an answer and is raised at once; so is the last failure."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except Exception:
+            if delay is None:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def read_range(path, start: int, end: int | None = None) -> bytes:
     """Bytes [start, end) of the object (one ranged GET remotely); a negative `start` reads the tail."""
     if not is_remote(path):
@@ -122,7 +144,7 @@ def read_range(path, start: int, end: int | None = None) -> bytes:
             f.seek(start)
             return f.read(-1 if end is None else end - start)
     fs, p = _fs_path(path)
-    return fs.cat_file(p, start=start, end=end)
+    return retrying(lambda: fs.cat_file(p, start=start, end=end))
 
 
 def remove_tree(path) -> None:
@@ -257,4 +279,4 @@ def open_shard(url: str) -> BinaryIO:
     if not is_remote(path):
         return open(path, "rb")
     fs, p = _fs_path(path)
-    return io.BytesIO(fs.cat_file(p))
+    return io.BytesIO(retrying(lambda: fs.cat_file(p)))

@@ -14,6 +14,7 @@ file, and the report lists missing blocks so a rerun of cache_teacher can comple
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def _verify_statics(root: Path, manifest: Manifest, report: VerifyReport) -> Non
             report.errors.append(f"[static] {path} checksum mismatch (damaged); {fix}")
             continue
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:  # a file or an object
                 for k in z.files:
                     z[k]
         except Exception as err:

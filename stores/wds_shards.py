@@ -26,7 +26,7 @@ from stores.base import (
     select_names,
     unpack_record,
 )
-from stores.url import as_path, explain_error, is_url, open_shard
+from stores.url import as_path, explain_error, is_url, open_shard, retrying
 
 META_MEMBER = "meta.json"
 BLOB_SUFFIX = ".msgpack"
@@ -75,7 +75,7 @@ def _stream_digests(url: str) -> tuple[dict, dict]:
     the sidecar exists and the tar has the size it records (a truncated shard is named here)."""
     path = as_path(url)
     try:
-        st = path.stat()
+        st = retrying(path.stat)
         stamp = (st.st_size, getattr(st, "st_mtime_ns", None) or getattr(st, "st_mtime", 0))
     except FileNotFoundError:
         stamp = (-1, 0)

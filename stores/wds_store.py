@@ -51,7 +51,16 @@ from stores.base import (
 )
 from stores.codecs import BlobDecodeError
 from stores.manifest import CacheMismatchError, atomic_write_bytes
-from stores.url import abort_uploads, as_path, is_remote, open_shard, read_range, write_whole
+from stores.url import (
+    abort_uploads,
+    as_path,
+    explain_error,
+    is_remote,
+    open_shard,
+    read_range,
+    retrying,
+    write_whole,
+)
 from stores.wds_shards import (  # noqa: F401  (re-exported: callers import them from stores.wds_store)
     BLOB_SUFFIX,
     META_MEMBER,
@@ -82,6 +91,11 @@ def _end_marker_ok(path: Path, members: list[tuple[int, int]]) -> bool:
         end = off + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     tail = read_range(path, end, end + 2 * tarfile.BLOCKSIZE)
     return tail == bytes(2 * tarfile.BLOCKSIZE)
+
+
+def _unreachable(path, err: BaseException) -> StoreReadError:
+    """An object store that did not answer (after its client's retries): not damage, say so."""
+    return StoreReadError(explain_error(str(path), err, "cannot read") + " (retried); rerun when the store answers")
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -191,9 +205,14 @@ class WdsCacheReader(CacheReader):
     def sidecar(self, block: int) -> dict | None:
         """The block's sidecar (None if missing or unreadable)."""
         if block not in self._sidecars:
+            path = sidecar_path(self.store, block)
             try:
-                self._sidecars[block] = json.loads(sidecar_path(self.store, block).read_text())
-            except (OSError, ValueError):
+                self._sidecars[block] = json.loads(retrying(path.read_text) if is_remote(path) else path.read_text())
+            except (FileNotFoundError, ValueError):
+                return None
+            except Exception as err:  # on an object store: not answering is not "no sidecar"
+                if is_remote(path):
+                    raise _unreachable(path, err) from None
                 return None
         return self._sidecars[block]
 
@@ -201,9 +220,11 @@ class WdsCacheReader(CacheReader):
         path = shard_path(self.store, block)
         side = self.sidecar(block)
         try:
-            size = path.stat().st_size
+            size = retrying(path.stat).st_size
         except FileNotFoundError:
             raise StoreReadError(f"shard {path} is missing; rerun {REBUILD} to rewrite this block") from None
+        except Exception as err:
+            raise _unreachable(path, err) from None
         if side is not None and size != side.get("tar_bytes"):
             raise StoreReadError(
                 f"shard {path} is truncated or damaged ({size} bytes, {side.get('tar_bytes')} written); "
@@ -245,9 +266,9 @@ class WdsCacheReader(CacheReader):
         try:  # a record's members are contiguous in its shard: one (ranged) read for all of them
             data = read_range(path, lo, hi)
         except Exception as err:
-            hint = self._fix(path) if isinstance(err, OSError) and not is_remote(path) else \
-                "check the object store (AWS_ENDPOINT_URL, network) and rerun"
-            raise StoreReadError(f"cannot read shard {path} ({type(err).__name__}: {str(err)[:160]}); {hint}") from None
+            if is_remote(path):
+                raise _unreachable(path, err) from None
+            raise StoreReadError(f"cannot read shard {path} ({err}); {self._fix(path)}") from None
         meta_raw = data[mine[META_MEMBER][0] - lo : mine[META_MEMBER][0] - lo + mine[META_MEMBER][1]]
         for name in names:
             off, size = mine[name + BLOB_SUFFIX]

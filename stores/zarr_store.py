@@ -68,7 +68,8 @@ from stores.base import (
     target_family,
     wanted_families,
 )
-from stores.manifest import CacheMismatchError, atomic_write_bytes
+from stores.commit import write_marker
+from stores.manifest import CacheMismatchError
 from stores.url import as_path, is_remote
 from stores.zarr_layout import (  # noqa: F401  (marker_path, LAYOUT, SUBDIR re-exported)
     LAYOUT,
@@ -186,7 +187,7 @@ class ZarrCacheWriter(CacheWriter):
         if wrong:
             raise StoreWriteError(f"block {block} did not land in {self.store} ({wrong[0]}): its metadata is damaged; "
                                   f"rerun {REBUILD} --repair (no done marker was written)")
-        atomic_write_bytes(marker_path(self.store, block), json.dumps(digests, sort_keys=True).encode())
+        write_marker(marker_path(self.store, block), digests)
 
     def _array_dirs(self) -> list[Path]:
         """The arrays written block by block (index/image_id and index/view are written once)."""

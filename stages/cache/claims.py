@@ -1,13 +1,9 @@
 """Who may write a block: claims through the dask scheduler, never POSIX file locks.
 
 Caches live on NFS and object stores at scale, where `flock`/`fcntl` locks are missing, local to
-one client or silently ignored. Stage 1 therefore needs only this from the filesystem:
-
-1. an atomic rename within a directory (`os.replace`): WebDataset shards, Zarr shard files
-   (zarr's LocalStore writes a temp file and renames it) and every done marker are published so;
-2. read-after-write visibility of a renamed file to the other hosts (close-to-open consistency on
-   NFS); a `done` marker is written last, so a reader that sees it sees the whole block;
-3. nothing else: no locks, no appends, no exclusive creates.
+one client or silently ignored. Stage 1 needs only what `stores.commit` states: whole-object writes
+(one PUT on an object store, temp file + rename on disk) and read-after-write visibility; a block's
+done marker is written last, so a reader that sees it sees the whole block. No locks, no appends.
 
 Ownership: on a dask cluster the scheduler assigns each block task to one worker at a time, and a
 task reassigned after its worker died (or was presumed dead) takes the block's
