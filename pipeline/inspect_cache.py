@@ -105,7 +105,7 @@ def _fidelity(reader, params, n: int, student_ckpt: str | None = None) -> tuple[
         raise ValueError(f"data.train_* ({dataset.ann_file}) is not the dataset cache {reader.root} was built from: "
                          "point data.train_images / train_ann at it to measure fidelity")
     check_blocks_current(reader.manifest, dataset, reader.root)  # same image content, block by block
-    device = resolve_device(params.cache.device)
+    device = resolve_device(params.cache.device, "cache.device")
     teacher = resolved.build().to(device).eval()  # mapped onto the dataset the cache was built from (checked above)
     return measure_fidelity(reader, teacher, dataset, n, device), _gradients(reader, params, teacher, dataset, n,
                                                                              device, student_ckpt)
