@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from stages.report_speed import speed_section  # noqa: E402
+
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # the cache's per-method fidelity goals (DESIGN.md, bench.realscale GOALS) and, for a method that misses
 # them, the mechanism that makes it the most sensitive to the cached maps' quantisation
@@ -45,8 +47,11 @@ def _mean_step_time(rows: list[dict[str, float]]) -> float:
 
 
 def build_report(
-    teacher_metrics: Path, students_dir: Path, experiments: dict, cache_report: Path, out_md: Path, plots_dir: Path
+    teacher_metrics: Path, students_dir: Path, experiments: dict, cache_report: Path, out_md: Path, plots_dir: Path,
+    speed: list[dict] | None = None, export: dict | None = None,
 ) -> str:
+    """`speed`: `report_speed.speed_accuracy` tables, one per device (teacher and students timed side by side);
+    `export`: {'experiment', 'path', 'source_sha256', 'opset'} of the exported best student."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     teacher = _read_json(teacher_metrics)
     rows, logs = [], {}
@@ -84,6 +89,11 @@ def build_report(
     _plot_ap(rows, teacher, plots_dir / "ap.png")
     _plot_curves(logs, plots_dir / "training_curves.png")
     lines += ["![AP per student](report/ap.png)", "", "![training curves](report/training_curves.png)", ""]
+
+    losses = {name: spec.get("losses") or {} for name, spec in experiments.items()}
+    for i, table in enumerate(speed or []):  # CPU, then CUDA when the report ran on a GPU machine
+        png = plots_dir / f"speed_accuracy_{table['device']}.png"
+        lines += speed_section(table, losses, export if i == 0 else None, png)
 
     cache = _read_json(cache_report)
     if cache:

@@ -25,31 +25,37 @@ def record(fmt: str, source_sha256: str, **extra) -> dict:
     return {MARK: fmt, "source_sha256": source_sha256, **extra}
 
 
-def read_mark(path: Path) -> str | None:
-    """The format an existing file says it was exported as, or None (not ours / unreadable)."""
+def read_record(path: Path) -> dict | None:
+    """The export record an existing file carries, or None (not ours / unreadable)."""
     try:
         if path.suffix == ".py":
             with path.open() as f:
                 first = f.readline().strip()
-            return "torchvision-module" if first == PY_HEADER else None
+            return {MARK: "torchvision-module"} if first == PY_HEADER else None
         if path.suffix == ".onnx":
             import onnx
 
             model = onnx.load(str(path), load_external_data=False)
             props = {p.key: p.value for p in model.metadata_props}
-            return json.loads(props[MARK])[MARK] if MARK in props else None
+            return json.loads(props[MARK]) if MARK in props else None
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:  # TorchScript archives hold extra files under */extra/
                 names = [n for n in z.namelist() if n.endswith(f"extra/{MARK}.json")]
                 if names:
-                    return json.loads(z.read(names[0]))[MARK]
+                    return json.loads(z.read(names[0]))
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict):
                 mark = state.get(MARK) or (state.get("meta") or {}).get(MARK)
-                return mark.get(MARK) if isinstance(mark, dict) else None
+                return mark if isinstance(mark, dict) else None
     except Exception:  # any unreadable or foreign file (onnx raises protobuf's own DecodeError): not ours
         return None
     return None
+
+
+def read_mark(path: Path) -> str | None:
+    """The format an existing file says it was exported as, or None."""
+    rec = read_record(path)
+    return rec.get(MARK) if rec else None
 
 
 def refuse_foreign(path: Path, fmt: str) -> None:

@@ -58,7 +58,7 @@ def export_student(student: Student, fmt: str, out: Path, val: CocoDataset | Non
         refuse_foreign(out.with_suffix(".py"), "torchvision-module")
         if out.suffix == ".py":
             raise ValueError(f"--out {out}: the weights file needs another suffix than .py (e.g. .pt)")
-    meta = record(fmt, student.sha256, arch=student.cfg.arch, min_size=student.min_size, max_size=student.max_size,
+    meta = record(fmt, student.sha256, source=str(student.checkpoint), arch=student.cfg.arch, min_size=student.min_size, max_size=student.max_size,
                   categories=student.categories)
     if fmt == "torchvision":
         return [out, export_torchvision(student, out, meta)]

@@ -78,3 +78,17 @@ def _eval_view(folder: Path, data: DataParams) -> tuple[int, int]:
                                  f"say {getattr(data, key)}: pass --set data.{key}={recorded[key]} (the export "
                                  "expects images resized to the size the student was evaluated at)")
     return data.min_size, data.max_size
+
+
+def best_run(folder: str | Path) -> Path:
+    """The run folder under `folder` whose metrics.json has the highest val AP (the demo's deployable)."""
+    folder = Path(folder)
+    scored = []
+    for metrics in sorted(folder.glob("*/metrics.json")):
+        ap = json.loads(metrics.read_text()).get("AP")
+        if ap is not None and (metrics.parent / MODEL_FILE).exists():
+            scored.append((float(ap), metrics.parent.name, metrics.parent))
+    if not scored:
+        raise ValueError(f"{folder}: no run folder with metrics.json and {MODEL_FILE}; train students first "
+                         "(dvc repro, or python -m pipeline.train_student --experiment NAME)")
+    return max(scored)[2]
