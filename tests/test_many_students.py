@@ -68,7 +68,7 @@ def test_two_students_stream_a_bucket_through_one_node_local_cache(tiny_cache, t
     """The cache in a bucket, `cache.local` on this node's disk: each shard object is fetched once."""
     caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server logs every request it answers
     params = student_params(tiny_cache, tmp_path, path=s3_root, format="wds",
-                            views=[ViewParams(96, 128, False)], targets=["fpn", "cls", "box"])
+                            views=[ViewParams(96, 128, False)], targets=["fpn", "cls", "box", "head"])
     build_cache(params)
     caplog.clear()
     params = replace(params, cache=replace(params.cache, local=replace(params.cache.local,
