@@ -2,7 +2,10 @@
 
 Without options: a summary (records, views, targets, bytes per image per target, compression
 ratio against float32, codecs). --verify checks every planned block is complete, checksums
-match and every record decodes; it exits non-zero naming the first bad image/block/file.
+match, every record decodes, every store / marker / sidecar was written for this manifest (a zarr/
+or wds/ copied from another teacher's cache fails) and the zarr index agrees with the plan; it
+exits non-zero naming the first bad image/block/file. A damaged store or an unreadable manifest is
+repaired by `python -m pipeline.cache_teacher --repair` (this command only reads).
 --fidelity N re-runs the live teacher (teacher.checkpoint, which must be the cache's teacher) on
 N cached records and reports per target cosine, max abs error and the relative KD-loss error, and
 (`fidelity_gradients`) per KD method the cosine between its gradient w.r.t. a student's outputs with
