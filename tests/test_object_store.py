@@ -28,3 +28,28 @@ class TestWdsOnS3(_OnS3, StoreConformance):
     writer_cls = WdsCacheWriter
     reader_cls = WdsCacheReader
     fmt = "wds"
+
+
+def test_overwrite_removes_only_a_kdcache_prefix(s3_root):  # noqa: F811
+    """--overwrite's check and removal on a URL: a prefix holding a cache and nothing else is removed
+    object by object; a prefix holding a foreign object, or no manifest, is refused and left whole."""
+    from stores.manifest import NotAStoreError, check_cache_folder, remove_store
+    from tests.s3_server import s3_fs
+    from tests.store_conformance import block_records, make_manifest
+
+    root, fs = as_path(s3_root), s3_fs()
+    m = make_manifest()
+    ZarrCacheWriter(root, m).write_block(0, block_records(m, 0))
+    WdsCacheWriter(root, m).write_block(0, block_records(m, 0))
+    fs.pipe_file(s3_root.removeprefix("s3://") + "/notes.txt", b"mine")
+    with pytest.raises(NotAStoreError, match="notes.txt.*--overwrite will not delete it"):
+        check_cache_folder(root, overwrite=True)
+    assert (root / "manifest.json").exists() and (root / "zarr" / "zarr.json").exists()
+    (root / "notes.txt").unlink()
+    remove_store(root)
+    assert not fs.find(s3_root.removeprefix("s3://"))
+    other = as_path(s3_root + "-foreign")
+    fs.pipe_file(s3_root.removeprefix("s3://") + "-foreign/data/x.bin", b"x")
+    with pytest.raises(NotAStoreError, match="not a kdcache cache"):
+        check_cache_folder(other, overwrite=True)
+    assert (other / "data" / "x.bin").exists()
