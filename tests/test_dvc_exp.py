@@ -52,7 +52,7 @@ def test_exp_run_reruns_one_student_and_exp_show_lists_its_ap(tmp_path):
     run(["git", "commit", "-qm", "baseline"], work, env)
 
     out = run([*DVC, "exp", "run", "-n", "cskd2", "-S", "experiments.cskd.losses.cskd=2.0"], work, env)
-    assert ran(out) == {"train_student@cskd", "report"}
+    assert ran(out) == {"train_student@cskd", "export_student", "report"}
 
     rows = exp_rows(work, env)
     exp = [r for r in rows if r["name"] == "cskd2"]

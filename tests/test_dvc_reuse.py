@@ -20,7 +20,9 @@ TINY = {
                            "max_side": 128}},
     "teacher": {"model": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "head_convs": 2},
                 "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2}},
-    "student": {"model": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 8, "head_convs": 2}},
+    # score_thresh 0: a 2-step student scores ~0.01, and the ONNX export traces NMS on a detected box
+    "student": {"model": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 8, "head_convs": 2,
+                          "score_thresh": 0.0}},
     "cache": {"views": [{"min_size": 96, "max_size": 128, "flip": False}], "batch_size": 4, "block_size": 4},
     "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2},
     "eval": {"batch_size": 4},
@@ -83,16 +85,17 @@ def test_repro_reruns_only_what_changed(project):
     first = ran(run([*dvc, "repro"], work, env))
     students = {"train_student@baseline", "train_student@cskd"}
     assert first == {"make_dataset", "train_teacher", "evaluate_teacher", "cache_teacher", "inspect_cache",
-                     "report"} | students
+                     "export_student", "report"} | students
     assert (work / "report.md").exists() and "cskd" in (work / "report.md").read_text()
 
     assert ran(run([*dvc, "repro"], work, env)) == set(), "nothing changed: nothing reruns"
 
     set_param(work, "experiments.cskd.losses.cskd", 2.0)  # one student's parameter
-    assert ran(run([*dvc, "repro"], work, env)) == {"train_student@cskd", "report"}
+    assert ran(run([*dvc, "repro"], work, env)) == {"train_student@cskd", "export_student", "report"}
 
     set_param(work, "cache.n_workers", 2)  # execution-only setting: no rerun
     assert ran(run([*dvc, "repro"], work, env)) == set()
 
     set_param(work, "cache.codecs", {"fpn": "fp16+zstd"})  # codecs: the cache and everything after it
-    assert ran(run([*dvc, "repro"], work, env)) == {"cache_teacher", "inspect_cache", "report"} | students
+    assert ran(run([*dvc, "repro"], work, env)) == {"cache_teacher", "inspect_cache", "export_student",
+                                                    "report"} | students

@@ -33,6 +33,9 @@ def mmdet_mismatch(student: Student) -> str | None:
     m = student.cfg
     if m.arch not in HEAD_TYPE:
         return f"{m.arch}: mmdetection export covers retinanet, gfl and fcos"
+    if m.variant == "tv_v2":
+        return ("retinanet variant tv_v2 (torchvision's v2: GroupNorm head, a ReLU before P7, rounded anchors) is "
+                "not mmdetection's RetinaNet; train the student with student.model.variant=mmdet")
     if m.arch in ("retinanet", "gfl") and m.variant not in ("mmdet", "mmdet_caffe"):
         p6 = "P6 from P5 and " if m.arch == "retinanet" else ""
         anchors = " and torchvision's rounded anchors" if m.arch == "retinanet" else ""
