@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stores.url import as_path, is_remote, remove_tree
+from stores.url import (  # noqa: F401  (atomic_write_bytes re-exported: callers import it from here)
+    as_path,
+    atomic_write_bytes,
+    is_remote,
+    remove_tree,
+)
 
 SCHEMA_VERSION = 2  # 2: dataset content per block (block_fingerprints), categories in the fingerprint
 MANIFEST_NAME = "manifest.json"
@@ -346,30 +349,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write `data` to a temp file next to `path`, then os.replace: readers see old or new, never half.
-    On an object store (`stores.url`): one PUT, which is as atomic."""
-    path = as_path(path)
-    if is_remote(path):
-        path.fs.pipe_file(path.path, bytes(data))
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def make_plan(image_ids, views) -> list[tuple[int, str]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -79,16 +80,30 @@ def _fs_path(path) -> tuple[object, str]:
     return path.fs, path.path
 
 
-def write_whole(path, data: bytes) -> None:
+def atomic_write_bytes(path, data: bytes, *, fsync: bool = False) -> None:
     """Write `data` as the whole object at `path`: readers see the old object, the new one or none,
-    never part of one (temp + rename on disk, one PUT on an object store)."""
-    if not is_remote(path):
-        from stores.manifest import atomic_write_bytes
-
-        atomic_write_bytes(path, data)
+    never part of one. On disk: a temp file next to `path`, then os.replace; on an object store: one PUT."""
+    path = as_path(path)
+    if is_remote(path):
+        fs, p = _fs_path(path)
+        fs.pipe_file(p, bytes(data))
         return
-    fs, p = _fs_path(path)
-    fs.pipe_file(p, bytes(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+write_whole = atomic_write_bytes
 
 
 def write_new(path, data: bytes) -> bool:
@@ -150,9 +165,11 @@ def read_range(path, start: int, end: int | None = None) -> bytes:
 def remove_tree(path) -> None:
     """Delete a file / folder (every object under a prefix); missing is fine."""
     if not is_remote(path):
-        from stores.base import remove_path
-
-        remove_path(path)
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         return
     fs, p = _fs_path(path)
     with contextlib.suppress(FileNotFoundError):

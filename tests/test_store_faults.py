@@ -198,7 +198,7 @@ def test_enospc_at_marker_write_zarr(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(zs, "atomic_write_bytes", full)
+    monkeypatch.setattr(zs, "write_marker", full)  # the marker, written last (stores.commit)
     with pytest.raises(StoreWriteError, match="disk full while writing block 2"):
         ZarrCacheWriter(tmp_path, m).write_block(2, block_records(m, 2))
     assert ZarrCacheReader(tmp_path).completed_blocks() == {0}
