@@ -8,16 +8,26 @@ rerun the students when the cache changed, and reuse the receipt (and the studen
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import replace
+
+import pytest
 
 from stores.receipt import RECEIPT_FORMAT
 from tests.cache_fixtures import run_main
 from tests.s3_server import s3_root, s3_server  # noqa: F401  (fixtures)
-from tests.test_dvc_reuse import make_project, ran, run, set_param
+from tests.test_dvc_reuse import make_project, ran, set_param
 
 pytest_plugins = ["tests.cache_fixtures"]
 DVC = [sys.executable, "-m", "dvc"]
+
+
+def run(cmd: list[str], cwd, env) -> str:
+    """A command of the dvc project, its output; a loaded machine runs the whole demo DAG slowly."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def bucket_params(tiny_cache, url: str, receipt):
@@ -58,6 +68,7 @@ def test_a_receipt_path_holding_something_else_is_refused_before_teacher_work(ti
     assert not s3_fs().exists(f"{s3_root}/manifest.json"), "refused before anything was written"
 
 
+@pytest.mark.slow  # the whole demo DAG three times over; the receipt itself: the two tests above
 def test_dvc_dag_with_the_cache_in_a_bucket_reruns_exactly_what_changed(tmp_path, s3_root):  # noqa: F811
     work, env = make_project(tmp_path)
     set_param(work, "cache.path", s3_root)
