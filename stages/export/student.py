@@ -52,7 +52,11 @@ def open_student(run: str | Path, data: DataParams) -> Student:
     if not ckpt.exists():
         raise ValueError(f"{ckpt} not found: point at a finished run folder (e.g. runs/students/baseline, "
                          "written by python -m pipeline.train_student) or its model.pt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle: one line, not a traceback
+        raise ValueError(f"{ckpt}: not a readable checkpoint ({type(err).__name__}); export the model.pt a "
+                         "training run wrote") from None
     if not isinstance(state, dict) or "model_params" not in state or "model" not in state:
         raise ValueError(f"{ckpt}: not a kdcache detector checkpoint (no 'model' / 'model_params'); "
                          "export the model.pt a training run wrote")
