@@ -11,6 +11,9 @@ does not match these params (teacher, dataset, views, targets, codecs).
 Several processes: `torchrun --nproc_per_node N -m pipeline.train_student ...` (nccl on GPUs,
 gloo on CPU) trains one DistributedDataParallel model; `train.batch_size` is per process, so the
 global batch is N x train.batch_size. Rank 0 alone writes checkpoints, the log and metrics.json.
+The run folder: <out>/run.json records the params and the content consumed (teacher sha256, cache
+fingerprint, training-set digest); a rerun with other params or content is refused, naming what
+differs. One run at a time per folder: <out>/run.lease (stages.run_lease) refuses a second one.
 CPU threads: `train.threads` (0 = the CPUs this process may use / local processes, or
 OMP_NUM_THREADS when set); the count used is printed first.
 See README "More than one machine".
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="", help="name of an entry in params.yaml `experiments`")
     parser.add_argument("--out", help="output folder (default: <student.out_dir>/<experiment or 'default'>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="retrain from scratch when the output folder holds a run of other params")
+                        help="retrain from scratch when the output folder holds a student run of other params or "
+                        "content (never a teacher's run, never results without a run.json)")
     args = parser.parse_args(argv)
     params = params_from_args(args)
     out = Path(args.out or Path(params.student.out_dir) / (args.experiment or "default"))

@@ -3,7 +3,9 @@
 Writes `teacher.checkpoint` (architecture + weights + params + step). Rerunning resumes from
 `<checkpoint folder>/last.pt`; a finished run is not repeated. Under
 `torchrun --nproc_per_node N -m pipeline.train_teacher` it trains one DistributedDataParallel model
-(`teacher.train.batch_size` per process); rank 0 writes the checkpoints.
+(`teacher.train.batch_size` per process); rank 0 writes the checkpoints. The checkpoint folder's
+run.json records the params and the training set's digest (a rerun after a relabel is refused);
+run.lease keeps a second run out of it while one trains (stages.run_lease).
 
 CPU threads: `teacher.train.threads` (0 = the CPUs this process may use / local processes, or
 OMP_NUM_THREADS when set); the count used is printed first.
@@ -25,7 +27,8 @@ from stages.run_record import check_kind, check_out_folder
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("train_teacher", __doc__)
     parser.add_argument("--overwrite", action="store_true",
-                        help="retrain from scratch when the checkpoint folder holds a run of other params")
+                        help="retrain from scratch when the checkpoint folder holds a teacher run of other params or "
+                        "data (never a student's run)")
     args = parser.parse_args(argv)
     params = params_from_args(args)
     t = params.teacher
