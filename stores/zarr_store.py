@@ -84,7 +84,13 @@ from stores.zarr_layout import (  # noqa: F401  (marker_path, LAYOUT, SUBDIR re-
     store_attrs,
     zarr_url,
 )
-from stores.zarr_shards import _SHARD_CODECS, ShardUnreachable, _NotFast, read_inner_chunk  # noqa: F401
+from stores.zarr_shards import (  # noqa: F401  (_SHARD_CODECS, read_inner_chunk re-exported)
+    _SHARD_CODECS,
+    ShardUnreachable,
+    _NotFast,
+    read_inner_chunk,
+    read_inner_chunks,
+)
 
 try:  # zarr's async core lets one record's arrays be read concurrently
     from zarr.core.sync import sync as _zarr_sync
@@ -268,6 +274,9 @@ class ZarrCacheReader(CacheReader):
         if all(self._direct(n) for n in names):
             block, i = divmod(r, self.manifest.block_size)
             try:
+                if is_remote(self.store):  # concurrent ranged GETs: about one round trip per record
+                    return read_inner_chunks([self.shard_file(n, block) for n in names], i,
+                                             self.manifest.block_size, self._indexes)
                 return [read_inner_chunk(self.shard_file(n, block), i, self.manifest.block_size, self._indexes)
                         for n in names]
             except _NotFast:

@@ -64,25 +64,27 @@ class S3Server:
         return {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
 
 
+_SERVER: S3Server | None = None  # one per test process: every module that imports the fixture shares it
+
+
 @pytest.fixture(scope="session")
 def s3_server():
+    """The process's S3 server (started on first use, stopped when the process exits: moto serves from a
+    daemon thread), with the AWS environment pointing at it."""
+    global _SERVER
     pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = S3Server()
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    import fsspec
+    if _SERVER is None:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+        server = S3Server()
+        server.start()
+        os.environ.update(server.env())
+        import fsspec
 
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET, exist_ok=True)
+        _SERVER = server
+    if _SERVER._server is None:  # a test stopped it and failed before restarting it
+        _SERVER.start()
+    yield _SERVER
 
 
 @pytest.fixture
