@@ -40,9 +40,18 @@ from stores.cache_basis import CacheBases
 
 
 def _proxy(live: torch.Tensor, seed: int) -> torch.Tensor:
+    """The fixed proxy student: `live` (float64) plus seeded noise of 10% of the values' RMS.
+
+    Why the RMS and not the std: the relative KD-loss error divides by the proxy's own loss, which
+    scales with the noise squared, so the proxy must sit a meaningful distance from the teacher. A
+    flat target (an untrained teacher's candidate scores, all 0.0100004 +- 7e-6: its prior) has a
+    std near its float32 resolution; a std-sized proxy is then within round-off of the teacher and
+    the ratio measures round-off (the 2e-8 between a batched and a single-image forward reads as a
+    37% loss error). The RMS (>= std, >= |mean|) keeps the std-sized proxy where the values vary
+    and floors it at the values' own magnitude where they do not."""
     g = torch.Generator().manual_seed(seed)
-    spread = live.std(correction=0) if live.numel() > 1 else live.abs().mean()
-    return live + 0.1 * spread.clamp_min(1e-6) * torch.randn(live.shape, generator=g)
+    spread = live.double().square().mean().sqrt().clamp_min(1e-6)
+    return live.double() + 0.1 * spread * torch.randn(live.shape, generator=g).double()
 
 
 def _kd_loss(family: str, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,8 +66,10 @@ def _kd_loss(family: str, student: torch.Tensor, target: torch.Tensor) -> torch.
 
 def compare(family: str, cached: np.ndarray, live: torch.Tensor, seed: int) -> dict[str, float]:
     """Cosine, max abs error and relative KD-loss error of one cached array against the live one."""
-    c = torch.from_numpy(np.asarray(cached, dtype=np.float32)).flatten()
-    t = live.detach().float().cpu().flatten()
+    # float64: a KL of near-uniform softmaxes is ~1e-6, and float32 log-softmaxes (~-3, ulp 2e-7) would
+    # put their own round-off into the loss difference; the inputs are float32, so this adds nothing to them.
+    c = torch.from_numpy(np.asarray(cached, dtype=np.float32)).double().flatten()
+    t = live.detach().float().cpu().double().flatten()
     if c.shape != t.shape:
         raise ValueError(f"{family}: cached array has {c.numel()} values, the live teacher gives {t.numel()}: "
                          "is this the cache's teacher and dataset?")

@@ -15,6 +15,9 @@ from tests.cache_fixtures import build_cache, make_teacher, tiny_params, torch_t
 pytest_plugins = ["tests.cache_fixtures"]  # tiny_teacher, tiny_cache
 
 LOSSLESS = {f: "raw+zstd" for f in ("fpn", "cls", "box", "quality")}
+# stage 1's batched forward vs inspect_cache's single-image forward of the tiny teacher, on its
+# probabilities (<= ~0.03): float32 round-off, ~1e-8 measured
+FORWARD_ROUNDOFF = 1e-6
 
 
 def run(params, tmp_path, capsys, *args) -> tuple[int, dict | None, str]:
@@ -91,9 +94,13 @@ def test_fidelity_lossy_codecs_are_sensible(tiny_cache, tmp_path, capsys):
     assert 0.999 < fid["fpn"]["cosine"] < 1 and 0 < fid["fpn"]["max_abs_error"] < 0.05  # int8c: 1/254 of the range
     assert 0.999 < fid["box"]["cosine"] and fid["box"]["max_abs_error"] < 1e-2  # fp16
     assert fid["fpn"]["rel_kd_loss_error"] < 0.05 and fid["box"]["rel_kd_loss_error"] < 0.01
-    # sparse0.01 zeroes every probability below 0.01: exactly the bound, and a real loss change
-    assert 0 < fid["cls"]["max_abs_error"] <= 0.01 and 0 < fid["cls"]["rel_kd_loss_error"]
-    assert fid["cand"]["max_abs_error"] == 0, "candidate scores are stored exactly"
+    # sparse0.01 zeroes every probability below 0.01, a real loss change. The error is measured against
+    # a live single-image forward while stage 1 thresholded its own batched forward: a probability just
+    # below 0.01 there can be a few float32 ulps above it here (0.010000008 on an AMD EPYC), so the
+    # bound is the threshold plus that round-off (1e-6 >> the 1e-8 seen, << a wrong threshold's 1e-3).
+    assert 0 < fid["cls"]["max_abs_error"] <= 0.01 + FORWARD_ROUNDOFF and 0 < fid["cls"]["rel_kd_loss_error"]
+    # candidate scores are stored exactly: only the two forwards' round-off (fp16 storage of ~0.01: ~4e-6)
+    assert fid["cand"]["max_abs_error"] <= FORWARD_ROUNDOFF, "candidate scores are stored exactly"
 
 
 def test_fidelity_refuses_another_teacher(tiny_cache, tmp_path, capsys):
