@@ -132,13 +132,14 @@ def _read_remote(path, i: int, chunks_per_shard: int, indexes: dict) -> bytes:
         raise
 
 
-def read_inner_chunks(paths: list, i: int, chunks_per_shard: int, indexes: dict) -> list[bytes]:
+def read_inner_chunks(fs, paths: list[str], i: int, chunks_per_shard: int, indexes: dict) -> list[bytes]:
     """`read_inner_chunk` of record `i` from several shard objects of one object store at once: the
     missing shard indexes in one concurrent batch of ranged GETs, then every record chunk in another
-    (fsspec ``cat_ranges``), so a record of 6 families costs about one round trip, not 6."""
-    fs = paths[0].fs
+    (fsspec ``cat_ranges``), so a record of 6 families costs about one round trip, not 6. `paths` are
+    the filesystem `fs`'s own paths (strings: building a UPath per array and record costs more CPU
+    than the read)."""
     n_index = 16 * chunks_per_shard + 4
-    need = [p for p in paths if str(p) not in indexes]
+    need = [p for p in paths if p not in indexes]
     if need:
         tails = _fetch_many(fs, need, [-n_index] * len(need), [None] * len(need))
         for p, tail in zip(need, tails):
@@ -146,10 +147,10 @@ def read_inner_chunks(paths: list, i: int, chunks_per_shard: int, indexes: dict)
                 continue  # a missing shard reads as fill values, below
             if isinstance(tail, BaseException) or len(tail) != n_index or not _crc_ok(tail):
                 raise _NotFast
-            indexes[str(p)] = tail
+            indexes[p] = tail
     spans = []
     for p in paths:
-        index = indexes.get(str(p))
+        index = indexes.get(p)
         if index is None:
             spans.append(None)
             continue
@@ -164,12 +165,12 @@ def read_inner_chunks(paths: list, i: int, chunks_per_shard: int, indexes: dict)
             continue
         chunk = next(chunks)
         if isinstance(chunk, BaseException) or len(chunk) != sp[1]:
-            indexes.pop(str(p), None)
+            indexes.pop(p, None)
             raise _NotFast
         try:
             out.append(_element(chunk, sp[1]))
         except _NotFast:
-            indexes.pop(str(p), None)  # rewritten since its index was read: zarr reads it afresh
+            indexes.pop(p, None)  # rewritten since its index was read: zarr reads it afresh
             raise
     return out
 
@@ -181,7 +182,7 @@ def _fetch_many(fs, paths: list, starts: list, ends: list) -> list:
         return []
 
     def call():
-        got = fs.cat_ranges([p.path for p in paths], starts, ends, on_error="return")
+        got = fs.cat_ranges(list(paths), starts, ends, on_error="return")
         if any(isinstance(g, BaseException) and not isinstance(g, FileNotFoundError) for g in got):
             err = next(g for g in got if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError))
             raise err
@@ -190,5 +191,5 @@ def _fetch_many(fs, paths: list, starts: list, ends: list) -> list:
     try:
         return retrying(call)
     except Exception as err:
-        raise ShardUnreachable(explain_error(str(paths[0]), err, "cannot read shard object")
+        raise ShardUnreachable(explain_error(fs.unstrip_protocol(paths[0]), err, "cannot read shard object")
                                + " (retried); rerun when the store answers") from None

@@ -275,7 +275,8 @@ class ZarrCacheReader(CacheReader):
             block, i = divmod(r, self.manifest.block_size)
             try:
                 if is_remote(self.store):  # concurrent ranged GETs: about one round trip per record
-                    return read_inner_chunks([self.shard_file(n, block) for n in names], i,
+                    fs, base = self.store.fs, self.store.path
+                    return read_inner_chunks(fs, [f"{base}/{n}/c/{block}" for n in names], i,
                                              self.manifest.block_size, self._indexes)
                 return [read_inner_chunk(self.shard_file(n, block), i, self.manifest.block_size, self._indexes)
                         for n in names]
