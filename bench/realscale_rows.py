@@ -43,9 +43,10 @@ CODEC_SETS = {
     # at F 0.002 drops real classes of ambiguous anchors), measured on the same records for comparison
     "pca32/topk9f0.002/int8c": {"fpn": "pca32+zstd", "cls": "topk9f0.002+zstd", "box": "int8c+zstd",
                                 "quality": "int8c+zstd"},
-    # class maps whose floor is fitted per cache (>= 0.015; at most 10 % of the class elements above it, on
+    # class maps whose floor is fitted per cache (>= 0.015; at most 10 % / 30 % of the class elements above it, on
     # the row's basis images as stage 1 fits it): a teacher less sure on real photos keeps no more elements
     "default+cls=topk24f0.015p0.1": {**CODECS, "cls": "topk24f0.015p0.1+lz4"},
+    "default+cls=topk24f0.015p0.3": {**CODECS, "cls": "topk24f0.015p0.3+lz4"},
     # class maps with a 0.01 floor under zstd: 16-62 % more class bytes, decoded 2-4x slower
     "default+cls=topk24f0.01+zstd": {**CODECS, "cls": "topk24f0.01+zstd"},
     # smaller class maps (top-9 at F 0.01): fewer bytes where a teacher is ambiguous, less faithful there
