@@ -1,10 +1,10 @@
 """Two students at once on one machine vs the same two one after the other, per thread setting.
 
-Two `python -m pipeline.train_student` processes (the demo's student, offline CSKD from one cache)
+Two `python -m pipeline.train_student` processes (the demo's student, offline feature MSE from one cache)
 run one after the other and then at the same time, for each way of choosing torch's CPU threads:
 
-  torch_default  train.threads = torch's own default (one per core: what every job did before
-                 the train.threads knob), OMP_NUM_THREADS unset
+  torch_default  train.threads = torch's own default (one per core, whatever else runs on the
+                 machine), OMP_NUM_THREADS unset
   auto           train.threads = 0: the CPUs the process may use / local processes
                  (stages.devices.auto_threads); two unpinned jobs each see every core
   one            train.threads = 1 (each job its share of a 2-core machine, set by the user)
@@ -60,9 +60,9 @@ def write_params(fix, cache: Path, folder: Path, steps: int, threads: int) -> Pa
     params = fix.params(cache, train={"optimizer": "adamw", "lr": 1e-4, "batch_size": fix.batch_size,
                                       "warmup_steps": 0, "workers": 0, "device": "cpu", "steps": steps,
                                       "log_every": 1_000_000, "ckpt_every": 1_000_000, "threads": threads},
-                        distill={"teacher": "offline", "losses": {"cskd": 1.0}})
+                        distill={"teacher": "offline", "losses": {"mse": 1.0}})
     raw = to_dict(params)
-    raw["experiments"] = {"a": {"losses": {"cskd": 1.0}}, "b": {"losses": {"cskd": 1.0}}}
+    raw["experiments"] = {"a": {"losses": {"mse": 1.0}}, "b": {"losses": {"mse": 1.0}}}
     path = folder / f"params-{threads}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
            "note": "shared machine: other jobs ran during the measurement (see loadavg); compare the ratios "
                    "within this run, not absolute seconds"}
     settings = {"scale": scale.name, "images": images, "batch": batch, "steps": args.steps, "rounds": rounds,
-                "student": to_dict(scale.student), "losses": {"cskd": 1.0}, "seconds": time.perf_counter() - t0}
+                "student": to_dict(scale.student), "losses": {"mse": 1.0}, "seconds": time.perf_counter() - t0}
     path = write_json(Path(args.out) / "concurrent_students.json", {
         "benchmark": "concurrent_students", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python -m bench.concurrent_students", *(argv if argv is not None else sys.argv[1:])]),
