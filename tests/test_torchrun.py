@@ -1,8 +1,16 @@
 """Stage 2 under `torchrun --nproc_per_node 2` (gloo, CPU), real processes against a tiny cache.
 
-- 2 processes x 1 image equal 1 process x 2 images (same global batch) within float tolerance:
-  DDP averages the gradients and SyncBatchNorm normalises over the global batch, so the only
-  differences left are summation orders. The reference is a plain `python -m` 1-process run.
+- 2 processes x 1 image equal 1 process x 2 images (same global batch), one SGD step from the same
+  weights: DDP averages the gradients and SyncBatchNorm normalises over the global batch, so the
+  only differences left are summation orders. The reference is a plain `python -m` 1-process run.
+  What float32 summation order can and cannot change: the forward is continuous, so BN running
+  statistics (the SyncBN forward) agree to round-off; the gradient is not: a ReLU input within
+  round-off (~1e-6) of 0 is 0 in one run and 2e-6 in the other, which zeroes one activation's
+  gradient in one run only (measured on an AVX2 EPYC: one such element in layer3.0 moves one BN
+  bias's gradient by 7.5 %). Later steps amplify that ~100x per step, so weights after several
+  steps are not comparable elementwise. One step's update is: a flipped element is a few % of a
+  tensor's update in norm (measured up to 1.9 %), a synchronisation defect (BN backward not
+  all-reduced) changes every gradient below it (measured 60-107 %).
   Exact equality needs every loss to be the mean of per-image terms: DDP averages the ranks'
   losses, so a normaliser summed over the batch (valid cells of differently sized images,
   positives, GT counts: CSKD's, RM's) is per rank under DDP, as in the reference implementations.
@@ -34,8 +42,10 @@ from tests.conftest import TinyCoco
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"kd": {"losses": {"mse": 1.0}}, "live": {"losses": {"cskd": 1.0}, "teacher": "online"}}
-# few steps: from scratch, rounding differences of 1e-7 grow ~10x per SGD step (3 steps: 7e-7, 6: 4e-4)
-STEPS = 4
+STEPS = 4  # the killed-rank test needs a mid-run checkpoint
+# one step's update may differ between the process counts by a ReLU mask flipped by round-off
+# (a few % of the update's norm, see the module docstring); a sync defect differs by tens of %
+UPDATE_TOLERANCE = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +60,10 @@ def square_cache(tmp_path_factory):
     return params
 
 
-def params_file(cache, path: Path, batch_size: int, steps: int = STEPS) -> Path:
+def params_file(cache, path: Path, batch_size: int, steps: int = STEPS, warmup_steps: int = 1) -> Path:
     # SGD: Adam's first steps divide by sqrt(v) ~ |g| and would magnify rounding differences
     train = replace(cache.train, batch_size=batch_size, steps=steps, ckpt_every=1, log_every=1,
-                    warmup_steps=1, optimizer="sgd", lr=0.01)
+                    warmup_steps=warmup_steps, optimizer="sgd", lr=0.01)
     return write_params(replace(cache, train=train, experiments=EXPERIMENTS), path)
 
 
@@ -85,24 +95,32 @@ def two_process_run(square_cache, tmp_path_factory) -> Path:
 
 
 def test_two_processes_equal_one_process_with_same_global_batch(square_cache, two_process_run, tmp_path):
-    run(command(1, params_file(square_cache, tmp_path / "p1.yaml", batch_size=2), tmp_path / "one"))
-    one, two = weights(tmp_path / "one"), weights(two_process_run)
-    init = torch.load(two_process_run / "last.pt", map_location="cpu", weights_only=True)
-    assert init["step"] == STEPS
-    diffs = {k: (one[k].double() - two[k].double()).abs().max().item() for k in one if one[k].is_floating_point()}
-    worst = max(diffs, key=diffs.get)
-    print(f"max |w_2proc - w_1proc| = {diffs[worst]:.3g} ({worst})")
-    assert diffs[worst] < 1e-4, f"{worst} differs by {diffs[worst]}"
-    bn = [k for k in one if k.endswith("running_var")]
-    assert bn and all(torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6) for k in bn), "SyncBN statistics"
-    # training moved the weights far more than the 1- vs 2-process difference (the test can fail)
+    # one step at the full learning rate (no warm-up) from the same initial weights
+    p1 = params_file(square_cache, tmp_path / "p1.yaml", batch_size=2, steps=1, warmup_steps=0)
+    p2 = params_file(square_cache, tmp_path / "p2.yaml", batch_size=1, steps=1, warmup_steps=0)
+    run(command(1, p1, tmp_path / "one"))
+    run(command(2, p2, tmp_path / "two"))
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     torch.manual_seed(square_cache.train.seed)  # as build_run does before building the student
-    num_classes = torch.load(two_process_run / "model.pt", weights_only=True)["num_classes"]
-    fresh = build_detector(square_cache.student.model, num_classes).state_dict()
-    moved = max((fresh[k] - two[k]).abs().max().item() for k in diffs)
-    assert moved > 100 * diffs[worst], f"weights moved {moved} only"
+    num_classes = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["num_classes"]
+    init = build_detector(square_cache.student.model, num_classes).state_dict()
+    stats = [k for k in one if k.endswith(("running_mean", "running_var"))]
+    assert stats, "the student has BatchNorm"
+    for k in stats:  # the SyncBN forward: global mean / unbiased variance, continuous in the inputs
+        assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), f"SyncBN statistics {k}"
+    ratios = {}
+    for k in one:
+        if k in stats or not one[k].is_floating_point():
+            continue
+        update = (one[k].double() - init[k].double()).norm().item()
+        assert update > 0, f"{k}: one step did not move it"
+        ratios[k] = (one[k].double() - two[k].double()).norm().item() / update
+    worst = max(ratios, key=ratios.get)
+    print(f"max |w_2proc - w_1proc| / |w_1proc - w_init| = {ratios[worst]:.3g} ({worst})")
+    assert ratios[worst] < UPDATE_TOLERANCE, f"{worst}: the 2-process update differs by {ratios[worst]:.3g} of it"
     rows = (two_process_run / "train_log.csv").read_text().splitlines()
     assert len(rows) == STEPS + 1, "rank 0 alone writes the log, once per step"
+    assert torch.load(two_process_run / "last.pt", map_location="cpu", weights_only=True)["step"] == STEPS
     m1 = (tmp_path / "one" / "metrics.json").read_text()
     m2 = (two_process_run / "metrics.json").read_text()
     assert '"processes": 1' in m1 and '"processes": 2' in m2 and '"sec_per_step"' in m2
