@@ -85,7 +85,9 @@ def test_dvc_dag_with_the_cache_in_a_bucket_reruns_exactly_what_changed(tmp_path
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline"], work, env)
     out = run([*DVC, "exp", "run", "-n", "cskd2", "-S", "experiments.cskd.losses.cskd=2.0"], work, env)
-    assert ran(out) == {"train_student@cskd", "report"}, "the experiment reuses the receipt and the cache"
+    students = {s for s in ran(out) if s.startswith("train_student@")}
+    assert students == {"train_student@cskd"} and "cache_teacher" not in ran(out), (
+        f"the experiment reuses the receipt and the cache: it ran {sorted(ran(out))}")
 
     set_param(work, "cache.path", f"{s3_root}-v2")  # another cache (another prefix): everything after it
     assert ran(run([*DVC, "repro"], work, env)) >= {"cache_teacher", "train_student@baseline", "train_student@cskd"}
