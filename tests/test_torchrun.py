@@ -7,11 +7,12 @@
   statistics (the SyncBN forward) agree to round-off; the gradient is not: a ReLU input within
   round-off (~1e-6) of 0 is 0 in one run and 2e-6 in the other, which zeroes one activation's
   gradient in one run only (measured on an AVX2 EPYC: one such element in layer3.0 moves one BN
-  bias's gradient by 7.5 %). Later steps amplify that ~100x per step, so weights after several
-  steps are not comparable elementwise. One step's update is: a flipped element is a few % of a
-  tensor's update in norm (measured up to 1.9 %), a synchronisation defect (BN backward not
-  all-reduced) changes every gradient below it (measured 60-107 %).
-  Exact equality needs every loss to be the mean of per-image terms: DDP averages the ranks'
+  bias's gradient by 7.5 %). Later steps amplify that (max weight difference 5e-5 after 2 steps,
+  1.3e-3 after 4, i.e. 12 % of what training moved), so weights after several steps are not
+  comparable elementwise. One step's update is: a flipped element is a few % of a tensor's update
+  in norm (measured up to 1.9 %), a synchronisation defect (BN backward not all-reduced) changes
+  every gradient below it (measured 60-107 %).
+  Equality up to rounding needs every loss to be the mean of per-image terms: DDP averages the ranks'
   losses, so a normaliser summed over the batch (valid cells of differently sized images,
   positives, GT counts: CSKD's, RM's) is per rank under DDP, as in the reference implementations.
   The cache here therefore has one view of equally sized images, and the KD loss is `mse`.
