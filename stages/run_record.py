@@ -14,7 +14,7 @@ is written before the first step. A later run into the same folder:
 
 Provenance: besides params, the record holds digests of the content the run consumed (`inputs`):
 the teacher checkpoint's sha256, the cache's fingerprint digest and a digest of its per-block
-content fingerprints (offline students), and the training set's content (`CocoDataset.fingerprint`:
+content fingerprints and the dataset version it read (offline students), and the training set's content (`CocoDataset.fingerprint`:
 sha256 of the annotation json, and of the image file names and sizes; not the image bytes, which
 would mean reading gigabytes on every run; offline students get the image bytes through the cache's
 block fingerprints, which stage 2 checks anyway). A teacher retrained in place or relabelled boxes
@@ -101,6 +101,7 @@ INPUT_NAMES = {
     "teacher_sha256": "teacher.checkpoint's content (sha256)",
     "cache.fingerprint_digest": "the cache's fingerprint (cache.path)",
     "cache.content_sha256": "the cache's per-block image content (cache.path)",
+    "cache.version": "the cache's dataset version (cache.path: its manifest's versions)",
     "train_data.ann_sha256": "data.train_ann's content (sha256)",
     "train_data.files_sha256": "data.train_images' file names and sizes",
     "train_data.num_images": "the number of training images",

@@ -279,8 +279,10 @@ class CacheReader(ABC):
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-scan which blocks are complete (a cache may grow while it is read)."""
-        self._completed = self._scan_completed()
+        """Re-scan which blocks are complete (a cache may grow while it is read). Only blocks of this
+        reader's manifest count: blocks a writer appends later belong to a newer version."""
+        n = self.manifest.num_blocks()
+        self._completed = {b for b in self._scan_completed() if b < n}
 
     @abstractmethod
     def _scan_completed(self) -> set[int]: ...

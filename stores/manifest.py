@@ -17,7 +17,16 @@ the fingerprint and its digest: fixing one image makes only its block stale, and
 recomputes that block alone while every other block, and the stores' recorded digest, stay valid.
 ``statics`` records the sha256 of each ``static/<name>.npz`` so verify can check them.
 ``dropped`` lists images the dataset no longer holds: their records keep their place in the plan
-as empty placeholders, so deleting an image moves no block (only the block that held it changes).
+as empty placeholders, so deleting an image moves no block (only the block that held it changes);
+new images' records are appended after the plan, in new blocks.
+
+Versioning: ``versions`` lists each dataset version the cache has held (version number, sha256 of
+the dataset json, records, blocks, dropped images); a run of stage 1 whose json changed what the
+cache holds adds one. `Manifest.publish` writes the version's whole manifest first as
+``versions/v<NNNNNN>.json`` with a conditional create (``If-None-Match: *`` on S3, ``O_EXCL`` on
+disk), then ``manifest.json`` (the latest version) whole: two writers recording the same version
+number with different content cannot both succeed (the loser gets `ManifestVersionConflict`),
+and a reader that pinned version N reads ``versions/v<N>.json``, which never changes.
 
 A destructive flag removes only what it recognises: `check_cache_folder` / `remove_store` delete a
 folder only when it holds a kdcache manifest and nothing but store entries, and refuse to start a
@@ -28,8 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +48,43 @@ from stores.url import (  # noqa: F401  (atomic_write_bytes re-exported: callers
     atomic_write_bytes,
     is_remote,
     remove_tree,
+    write_new,
 )
 
 SCHEMA_VERSION = 2  # 2: dataset content per block (block_fingerprints), categories in the fingerprint
 MANIFEST_NAME = "manifest.json"
+VERSIONS_DIR = "versions"  # versions/v<NNNNNN>.json: the whole manifest of each dataset version, created once
 FINGERPRINT_FIELDS = ("schema_version", "teacher_weights", "teacher_arch", "dataset", "views", "targets", "codecs")
 _FIX = "rebuild it with python -m pipeline.cache_teacher (or point distill to the matching cache)"
 
 
 class CacheMismatchError(ValueError):
     """A cache exists but was built from different inputs; the message names the field."""
+
+
+def _create_whole(path, data: bytes) -> bool:
+    """Create `path` holding `data` only if it does not exist, never visible half-written: one
+    conditional PUT on an object store; on disk a temp file hard-linked into place (link fails if
+    the name exists). True if this call created it."""
+    if is_remote(path):
+        return write_new(path, data)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    atomic_write_bytes(tmp, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ManifestVersionConflict(RuntimeError):
+    """Another writer recorded the same dataset version of a cache with other content."""
+
+
+def version_path(root, version: int):
+    return as_path(root) / VERSIONS_DIR / f"v{int(version):06d}.json"
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -99,6 +136,9 @@ class Manifest:
     # image ids the dataset no longer lists: their records keep their place in the plan (so no other
     # block moves) as empty placeholders that readers of the dataset never ask for
     dropped: list[int] = field(default_factory=list)
+    # one entry per dataset version the cache held, oldest first: {"version", "dataset_sha256",
+    # "records", "blocks", "dropped"} (the last is this manifest's); [] for a cache older than versioning
+    versions: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         plan = [(int(i), str(v)) for i, v in self.plan]
@@ -155,6 +195,7 @@ class Manifest:
             "block_fingerprints": list(self.block_fingerprints),
             "statics": dict(sorted(self.statics.items())),
             "dropped": list(self.dropped),
+            "versions": [dict(v) for v in self.versions],
         }
 
     @classmethod
@@ -172,12 +213,58 @@ class Manifest:
             block_fingerprints=list(data.get("block_fingerprints") or []),
             statics=dict(data.get("statics") or {}),
             dropped=list(data.get("dropped") or []),
+            versions=list(data.get("versions") or []),
         )
 
     def save(self, path: str | Path) -> None:
         """Whole-object JSON write (temp file + os.replace on disk, one PUT on an object store)."""
         path = as_path(path)
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, sort_keys=True).encode())
+
+    # -- dataset versions -----------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """This manifest's dataset version (0 for a cache older than versioning)."""
+        return int(self.versions[-1]["version"]) if self.versions else 0
+
+    def with_new_version(self, dataset_sha256: str) -> Manifest:
+        """This manifest with one more entry in `versions`: what it holds now, for that dataset json."""
+        entry = {"version": self.version + 1, "dataset_sha256": dataset_sha256, "records": len(self.plan),
+                 "blocks": self.num_blocks(), "dropped": list(self.dropped)}
+        return replace(self, versions=[*self.versions, entry])
+
+    def publish(self, root: str | Path) -> None:
+        """Record this manifest's version: ``versions/v<N>.json`` created exclusively, then
+        ``manifest.json`` whole. Re-publishing identical content is a no-op for the version file."""
+        body = json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
+        if self.versions:
+            path = version_path(root, self.version)
+            if not _create_whole(path, body) and path.read_bytes() != body:
+                raise ManifestVersionConflict(
+                    f"cache {as_path(root)}: another writer recorded dataset version {self.version} with other "
+                    f"content ({path}); rerun python -m pipeline.cache_teacher to add yours as the next version")
+        atomic_write_bytes(as_path(root) / MANIFEST_NAME, body)
+
+    @classmethod
+    def load_version(cls, root: str | Path, version: int) -> Manifest:
+        """The manifest of dataset version `version` of the cache at `root` (what a pinned reader reads)."""
+        path = version_path(root, version)
+        if not path.exists():
+            raise FileNotFoundError(f"cache {as_path(root)} has no dataset version {version} ({path} missing); "
+                                    f"its versions are listed in {MANIFEST_NAME}")
+        return cls.load(path)
+
+    @classmethod
+    def latest_version(cls, root: str | Path) -> Manifest | None:
+        """The newest readable ``versions/v<N>.json`` of the cache at `root` (None if there is none)."""
+        folder = as_path(root) / VERSIONS_DIR
+        names = sorted(p.name for p in folder.glob("v*.json")) if folder.exists() else []
+        for name in reversed(names):
+            try:
+                return cls.load(folder / name)
+            except (ValueError, OSError):
+                continue
+        return None
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
@@ -248,7 +335,7 @@ def _plan_difference(have: list, want: list) -> tuple[str, Any, Any] | None:
 
 # what a cache folder may hold: the manifest, one folder per format, statics, and kdcache's own
 # locks / claims / temp files (``.<name>.tmp-<pid>...`` of an interrupted atomic write)
-STORE_ENTRIES = (MANIFEST_NAME, "zarr", "wds", "static", ".lock", ".locks", ".claims")
+STORE_ENTRIES = (MANIFEST_NAME, "zarr", "wds", "static", VERSIONS_DIR, ".lock", ".locks", ".claims")
 
 
 class NotAStoreError(ValueError):

@@ -76,33 +76,54 @@ def block_fingerprints(plan: list[tuple[int, str]], block_size: int, dataset: Co
 
 
 def stale_blocks(cached: Manifest, current: list[str]) -> list[int]:
-    """Blocks whose recorded content fingerprint differs from `current` (all, if none recorded)."""
+    """Blocks whose recorded content fingerprint differs from `current`: every block if none are
+    recorded, and the blocks a grown plan adds (they have none)."""
     have = cached.block_fingerprints
-    if len(have) != len(current):
+    if not have or len(have) > len(current):
         return list(range(len(current)))
-    return [b for b, (a, c) in enumerate(zip(have, current)) if a != c]
+    return [b for b, c in enumerate(current) if b >= len(have) or have[b] != c]
 
 
 def keep_cached_plan(cached: Manifest, manifest: Manifest, dataset: CocoDataset) -> Manifest:
-    """`manifest` laid over the cached plan when the dataset only lost images since it was built.
+    """`manifest` laid over the cached plan when the dataset lost and/or gained images since it was built.
 
-    A plan is the sorted (image, view) list cut into blocks of block_size records, so dropping one
-    image would shift every later block. Instead the cached plan is kept: the records of images the
-    json no longer lists stay in place as placeholders (`dropped`), so only the blocks that held
-    them change fingerprint and are recomputed. New images change the plan (refused as usual:
-    rebuild with --overwrite). Returns `manifest` unchanged when the plans already agree or when
-    the change is not a pure deletion.
+    A plan is the (image, view) list cut into blocks of block_size records, so dropping or adding one
+    image in sorted order would shift every later block. Instead the cached plan is kept: the records
+    of images the json no longer lists stay in place as placeholders (`dropped`), and the records of
+    new images (their views chosen by the same seeded per-image rule, `manifest.plan`) are appended
+    after it, in image id order. Only the blocks that held a dropped image, the new blocks and the
+    cached plan's last block when it was partly filled change fingerprint and are recomputed. The
+    result depends only on the cached plan and the json, so a rerun gives the same plan. Returns
+    `manifest` unchanged when the plans already agree or when the surviving images' records differ
+    (views changed: refused as usual, rebuild with --overwrite).
     """
     if manifest.plan == cached.plan and not cached.dropped:
         return manifest
     live = set(dataset.image_ids)
-    if not live <= {i for i, _ in cached.plan}:
-        return manifest
-    if [r for r in cached.plan if r[0] in live] != manifest.plan:
-        return manifest  # the surviving images' records differ too (views changed): not a deletion
-    dropped = sorted({i for i, _ in cached.plan} - live)
-    return replace(manifest, plan=cached.plan, dropped=dropped,
-                   block_fingerprints=block_fingerprints(cached.plan, manifest.block_size, dataset))
+    cached_ids = {i for i, _ in cached.plan}
+    if not _same_records(cached, manifest, live):
+        return manifest  # the surviving images' records differ too (views changed): not a deletion / append
+    plan = cached.plan + [r for r in manifest.plan if r[0] not in cached_ids]
+    dropped = sorted(cached_ids - live)
+    return replace(manifest, plan=plan, dropped=dropped,
+                   block_fingerprints=block_fingerprints(plan, manifest.block_size, dataset))
+
+
+def _same_records(cached: Manifest, manifest: Manifest, live: set[int]) -> bool:
+    """The cached plan holds, for the images still listed, the records and order a fresh plan gives:
+    each dataset version's appended segment (`cached.versions`) is in plan order on its own."""
+    ends = sorted({0, len(cached.plan), *(int(v["records"]) for v in cached.versions if 0 < v["records"] < len(cached.plan))})
+    for a, b in zip(ends, ends[1:]):
+        segment = [r for r in cached.plan[a:b] if r[0] in live]
+        ids = {i for i, _ in segment}
+        if segment != [r for r in manifest.plan if r[0] in ids]:
+            return False
+    return True
+
+
+def grew_from(cached: Manifest, manifest: Manifest) -> bool:
+    """`manifest`'s plan is `cached`'s with records appended (an appended dataset version)."""
+    return len(manifest.plan) > len(cached.plan) and manifest.plan[: len(cached.plan)] == cached.plan
 
 
 def check_blocks_current(manifest: Manifest, dataset: CocoDataset, root) -> None:

@@ -17,6 +17,7 @@ from stages.cache.fingerprint import (
     block_fingerprints,
     check_blocks_current,
     dataset_identity,
+    grew_from,
     keep_cached_plan,
     stale_blocks,
 )
@@ -37,9 +38,11 @@ from stores.manifest import (
     check_compatible,
     remove_store,
     sha256_file,
+    version_path,
 )
 from stores.url import as_path, probe
 from stores.verify import invalidate_blocks
+from stores.zarr_grow import grow_zarr_store
 
 
 def formats_of(fmt: str) -> tuple[str, ...]:
@@ -229,23 +232,44 @@ def prepare_store(params: Params, overwrite: bool = False,
                             params.cache.basis_images, params.cache.device, writers[0])
     if "head" in manifest.fingerprint["targets"]:
         manifest = _ensure_head(root, manifest, teacher, writers[0])
+    if manifest.versions and not version_path(root, manifest.version).exists():
+        manifest.publish(root)  # a new cache's first version, statics included
     return job, manifest
 
 
 def _refresh_blocks(root: Path, manifest: Manifest, dataset: CocoDataset) -> Manifest:
-    """Reopening a cache: refuse other params (naming the field), make the blocks whose images
-    changed incomplete so this run recomputes them (and only them), keep the recorded statics."""
+    """Reopening a cache: refuse other params (naming the field), keep the cached plan when the json
+    only lost or gained images (new images: new blocks at the end), make the blocks whose images
+    changed incomplete so this run recomputes them (and only them), keep the recorded statics, and
+    record a new dataset version when what the cache holds changed (`Manifest.publish`)."""
     path = root / MANIFEST_NAME
+    dataset_sha256 = sha256_file(dataset.ann_file)
     if not path.exists():
-        return manifest
+        return manifest.with_new_version(dataset_sha256)  # published once the statics are written
     cached = Manifest.load(path)
     manifest = keep_cached_plan(cached, manifest, dataset)  # dropped images: no other block moves
-    check_compatible(cached, manifest, root)
-    manifest = replace(manifest, statics=cached.statics)
+    want = manifest.comparable()
+    if grew_from(cached, manifest):  # appended records: the cached plan must be its prefix
+        want["plan"] = want["plan"][: len(cached.plan)]
+    check_compatible(cached, want, root)
+    prior = cached
+    if not cached.versions:  # no history in manifest.json (rewritten by --repair): the version files hold it
+        prior = Manifest.latest_version(root) or cached
+    manifest = replace(manifest, statics=cached.statics, versions=prior.versions)
+    held = (manifest.plan, manifest.dropped, manifest.block_fingerprints)
+    new_version = not prior.versions or held != (prior.plan, prior.dropped, prior.block_fingerprints)
+    if new_version:
+        manifest = manifest.with_new_version(dataset_sha256)
     stale = stale_blocks(cached, manifest.block_fingerprints)
-    if stale:
-        invalidate_blocks(root, stale)  # first: a kill after this leaves them missing, never stale-but-done
-        manifest.save(path)
+    old = [b for b in stale if b < cached.num_blocks()]
+    if old:
+        invalidate_blocks(root, old)  # first: a kill after this leaves them missing, never stale-but-done
+    if len(manifest.plan) > len(cached.plan) and (root / "zarr" / "zarr.json").exists():
+        grow_zarr_store(root / "zarr", manifest)  # before the manifest: a killed grow is redone by the rerun
+    if new_version:
+        manifest.publish(root)
+    elif manifest.versions != cached.versions:
+        manifest.save(path)  # the history restored from the version files
     return manifest
 
 

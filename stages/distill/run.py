@@ -201,11 +201,13 @@ def build_run(params: Params, experiment: str | None, resolved: ResolvedTeacher 
 
 def cache_inputs(manifest) -> dict:
     """What an offline student consumes, as digests: the teacher's weights (checked against
-    teacher.checkpoint by `check_cache`), the cache's fingerprint and its per-block content."""
+    teacher.checkpoint by `check_cache`), the cache's fingerprint, its per-block content and the
+    dataset version the reader pinned (`Manifest.versions`: blocks appended later are not read)."""
     content = json.dumps([manifest.block_fingerprints, manifest.statics], sort_keys=True).encode()
     return {"teacher_sha256": manifest.fingerprint.get("teacher_weights", ""),
             "cache": {"fingerprint_digest": manifest.fingerprint_digest(),
-                      "content_sha256": hashlib.sha256(content).hexdigest()}}
+                      "content_sha256": hashlib.sha256(content).hexdigest(),
+                      "version": manifest.version}}
 
 
 def train_student(params: Params, experiment: str | None, out_dir: Path, progress: bool = True,
