@@ -4,6 +4,8 @@
   records as new blocks and computes only those: every object of an old block is unchanged byte for
   byte, and the cache equals, record for record, one built from the grown json at once;
 - a rerun with the same json computes nothing and records no new version (the plan is deterministic);
+- a cached plan whose last block was partly filled: that block is completed (recomputed once), the
+  other old blocks are untouched;
 - removed images: their blocks are recomputed with placeholders, the version lists them as dropped;
 - the manifest lists every version (records, blocks, dropped, the json's sha256) and keeps each one's
   whole manifest in versions/v<N>.json, created once: another writer's different version N is refused;
@@ -183,3 +185,19 @@ def test_append_on_an_s3_server(s3_root, tiny_coco, tiny_teacher, tiny_cache, tm
     assert len(pinned.keys()) == 12
     m = Manifest.load(as_path(s3_root) / "manifest.json")
     assert [v["records"] for v in m.versions] == [12, 16] and version_path(as_path(s3_root), 1).exists()
+
+
+def test_a_partly_filled_last_block_is_completed_once(tiny_coco, tiny_teacher, tiny_cache, tmp_path, capsys):
+    """5 images (10 records: blocks 0, 1 full, block 2 half), then all 8: block 2 is completed (the
+    one old block recomputed) and block 3 added; blocks 0 and 1 are untouched."""
+    params = tiny_params(tiny_coco, tiny_teacher, tmp_path, format="zarr")
+    params = with_json(params, dataset_without(tiny_coco, tmp_path, ids(tiny_coco)[:3]))
+    root = Path(params.cache.path)
+    assert run_main(params, tmp_path) == ""
+    before = block_objects(root, range(2))
+    capsys.readouterr()
+    assert run_main(with_json(params, Path(tiny_coco.train_ann)), tmp_path) == ""
+    assert computed(capsys.readouterr().out) == 2
+    assert block_objects(root, range(2)) == before
+    assert_same_records(all_records(root, "zarr"), all_records(tiny_cache.cache.path, "zarr"), "after append")
+    assert [v["blocks"] for v in Manifest.load(root / "manifest.json").versions] == [3, 4]
