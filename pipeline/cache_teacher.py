@@ -4,7 +4,9 @@ Reads `teacher.checkpoint`, `data.train_*` and the `cache` section (views, targe
 format, block size, workers). Writes `cache.path` (manifest.json + Zarr and/or WebDataset
 shards). Safe to rerun: finished blocks are kept, only missing ones are computed, and a
 complete cache is left untouched. A cache built from other params is refused (the message
-names the differing field); pass --overwrite to rebuild it.
+names the differing field); pass --overwrite to rebuild it. A dataset json that gained images
+keeps the cached blocks and appends blocks for the new images (removed images become dropped
+placeholders); the manifest records each dataset version (docs/cache-format.md §13).
 
 Parallelism: in-process with cache.n_workers 1; a local dask cluster with n_workers > 1 (one
 worker per GPU on GPU machines); --scheduler tcp://HOST:8786 uses an existing dask cluster.
