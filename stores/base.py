@@ -278,6 +278,13 @@ class CacheReader(ABC):
         self._completed: set[int] = set()
         self.refresh()
 
+    def pin(self, manifest: Manifest) -> None:
+        """Read `manifest`, an earlier dataset version of this cache (`Manifest.load_version`), instead
+        of the latest: only its plan's blocks are listed and read."""
+        self.manifest = manifest
+        self._index = manifest.record_index()
+        self.refresh()
+
     def refresh(self) -> None:
         """Re-scan which blocks are complete (a cache may grow while it is read). Only blocks of this
         reader's manifest count: blocks a writer appends later belong to a newer version."""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.cache.plan import check_cache, open_reader
+from stages.cache.plan import check_cache, open_reader, pin_dataset_version
+from stages.data.coco import CocoDataset
 from stages.distill.run import cache_inputs
 from stores.manifest import Manifest, ManifestVersionConflict, version_path
 from stores.url import as_path
@@ -151,6 +152,18 @@ def test_a_pinned_reader_keeps_its_version_while_a_writer_appends(tiny_coco, tin
         fresh = open_reader(root, fmt)
         assert len(fresh.keys()) == 16 and fresh.keys()[:12] == keys[fmt], fmt
         assert cache_inputs(fresh.manifest)["cache"]["version"] == 2
+
+    # a student started now with the 6-image json: the latest version names images its json lacks,
+    # so it reads version 1 (what train_student does before check_cache), and records it
+    old = CocoDataset(params.data.train_images, params.data.train_ann)
+    student = open_reader(root, "zarr")
+    with pytest.raises(ValueError, match="not in"):
+        check_cache(student, params)  # the latest version, unpinned: refused
+    assert pin_dataset_version(student, old) == 1
+    check_cache(student, params)
+    assert student.keys() == keys["zarr"] and cache_inputs(student.manifest)["cache"]["version"] == 1
+    grown = open_reader(root, "zarr")
+    assert pin_dataset_version(grown, CocoDataset(params.data.train_images, tiny_coco.train_ann)) == 2
 
 
 def test_another_writers_version_with_other_content_is_refused(tiny_cache, tmp_path):

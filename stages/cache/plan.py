@@ -296,6 +296,35 @@ def open_reader(root: str | Path, fmt: str):
 
 
 
+def pin_dataset_version(reader, dataset: CocoDataset) -> int:
+    """Stage 2: make `reader` read the newest dataset version of its cache that holds exactly
+    `dataset`'s images, when the latest one does not (a student whose json predates an append, or
+    that starts while a writer appends): an older version is taken only when none of its blocks was
+    rewritten since (their content fingerprints are the latest's) and all are complete. Returns the
+    version read; the latest is kept (and refused later, naming the difference) when none fits."""
+    latest = reader.manifest
+    if _holds_exactly(latest, dataset):
+        return latest.version
+    for entry in reversed(latest.versions[:-1]):
+        try:
+            older = Manifest.load_version(reader.root, int(entry["version"]))
+        except (FileNotFoundError, ValueError):
+            continue
+        kept = older.block_fingerprints == latest.block_fingerprints[: older.num_blocks()]
+        if kept and _holds_exactly(older, dataset):
+            reader.pin(older)
+            if len(reader.completed_blocks()) == older.num_blocks():
+                return older.version
+            reader.pin(latest)
+            break
+    return latest.version
+
+
+def _holds_exactly(manifest: Manifest, dataset: CocoDataset) -> bool:
+    held = {i for i, _ in manifest.plan} - set(manifest.dropped)
+    return held == set(dataset.image_ids)
+
+
 def check_cache(reader, params: Params, teacher: ResolvedTeacher | None = None) -> None:
     """Stage 2: the cache was built from these params (fields) and this image content (per block).
     `teacher`: params' teacher as the run resolved it (else it is resolved here)."""

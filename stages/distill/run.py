@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stages import distributed
-from stages.cache.plan import check_cache, open_reader, resolve_train_teacher
+from stages.cache.plan import check_cache, open_reader, pin_dataset_version, resolve_train_teacher
 from stages.cache.targets import PER_IMAGE_TARGETS
 from stages.config import DistillParams, Params, from_dict, to_dict
 from stages.data.batching import ViewDataset, collate, view_padded_size
@@ -158,6 +158,7 @@ def build_run(params: Params, experiment: str | None, resolved: ResolvedTeacher 
         # loader workers inherit it)
         install_local_cache(params.cache.path, params.cache.local.path, params.cache.local.max_gb)
         reader = open_reader(params.cache.path, distill.source)
+        pin_dataset_version(reader, coco)  # the version this json names; blocks appended later are never read
         check_cache(reader, params, resolved)
         check_store_provenance(reader)  # zarr/ or wds/ written for this manifest, not copied from another cache
         inputs = cache_inputs(reader.manifest)
