@@ -1,8 +1,9 @@
 """Names, not history: no tracked file speaks of work sessions, issue numbers or "before-sNN" codec sets.
 
-A reader of the code, the docs or a benchmark key cannot know what "session 19", "before-s19" or
-"issue 9 defaults" were; what a thing IS belongs in its name (a schema version, a named codec set, a
-plain description), and what changed when belongs in CHANGELOG.md, the one file exempt.
+A reader of the code, the docs or a benchmark key cannot know what a numbered work session, a codec
+set named after one, or an issue number's defaults were; what a thing IS belongs in its name (a
+schema version, a named codec set, a plain description), and what changed when belongs in
+CHANGELOG.md, the one file exempt. The examples each pattern catches are the parametrized cases below.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ EXEMPT = {"CHANGELOG.md", "tests/test_no_history_words.py"}
 
 # each pattern names one way history leaks into a name (case-insensitive)
 HISTORY = re.compile(
-    r"\bsessions?[-_ ]?\d+"  # a numbered work session ("session 19", "session-20", "sessions 15-17")
+    r"\bsessions?[-_ ]?\d+"  # a numbered work session, with or without a separator, or a range of them
     r"|\b(?:this|that|last|next|previous|earlier|later|each|every)\s+sessions?\b"  # "this session's study"
     r"|\bsessions?\s+(?:ago|before|after|lent|whose\s+task)\b|\bproject'?s\s+sessions\b"
-    r"|issue[-_ ]?#?\d+"  # an issue number ("issue 9", "Issue 11 section 3", "pre-issue-9", PRE_ISSUE9)
-    r"|\b(?:before|pre|after|until|since)[-_]s\d+\b"  # "before-s19"
-    r"|\bs\d{2}\b"  # a bare session tag ("s19", "s20")
+    r"|issue[-_ ]?#?\d+"  # an issue number, also inside a name or a constant
+    r"|\b(?:before|pre|after|until|since)[-_]s\d+\b"  # a codec set named for the session it preceded
+    r"|\bs\d{2}\b"  # a bare two-digit session tag
     r"|\buntil now\b|\bnew defaults?\b|\bold defaults?\b|\bprevious defaults?\b|\bdefaults? until\b",
     re.IGNORECASE,
 )
