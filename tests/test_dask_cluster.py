@@ -79,9 +79,28 @@ def cluster(tmp_path):
             log.close()
 
 
-def test_worker_killed_mid_block_store_equals_single_process(cluster, tiny_cache, tiny_coco, tiny_teacher, tmp_path):
+def kill_a_busy_worker(address: str, run: subprocess.Popen, first_block_out, timeout: float) -> int:
+    """SIGKILL a dask worker that is executing a block task, once `first_block_out()` says a block's
+    marker is in the store (so the kill lands mid-run, not before the first block). Returns its pid."""
     from distributed import Client
 
+    with Client(address, timeout=30) as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert run.poll() is None, f"finished before the kill: {run.stdout.read().decode()[-3000:]}"
+            if time.monotonic() > deadline:
+                run.kill()
+                pytest.fail(f"no block started in time: {run.communicate()[0].decode()[-3000:]}")
+            if first_block_out():
+                busy = client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executing_count))
+                pids = [pid for pid, executing in busy.values() if executing]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    return pids[0]
+            time.sleep(0.02)
+
+
+def test_worker_killed_mid_block_store_equals_single_process(cluster, tiny_cache, tiny_coco, tiny_teacher, tmp_path):
     address, workers = cluster
     params = tiny_params(tiny_coco, tiny_teacher, tmp_path)
     root = Path(params.cache.path)
@@ -90,18 +109,7 @@ def test_worker_killed_mid_block_store_equals_single_process(cluster, tiny_cache
     run = subprocess.Popen(cmd, cwd=ROOT, env=cluster_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     killed = None
     try:
-        with Client(address, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while killed is None:  # a worker executing a block task, after the first block is out
-                assert run.poll() is None, f"finished before the kill: {run.stdout.read().decode()[-3000:]}"
-                assert time.monotonic() < deadline, "no block started in time"
-                if any((root / "zarr" / "done").glob("block-*.json")):
-                    busy = client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executing_count))
-                    pids = [pid for pid, executing in busy.values() if executing]
-                    if pids:
-                        killed = pids[0]
-                        os.kill(killed, signal.SIGKILL)
-                time.sleep(0.02)
+        killed = kill_a_busy_worker(address, run, lambda: any((root / "zarr" / "done").glob("block-*.json")), 120)
         out, _ = run.communicate(timeout=180)
     finally:
         if run.poll() is None:

@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -34,7 +32,7 @@ from tests.cache_fixtures import (
     write_params,
 )
 from tests.s3_server import BUCKET, free_port, s3_fs, s3_root, s3_server  # noqa: F401  (fixtures)
-from tests.test_dask_cluster import ROOT, cluster, cluster_env  # noqa: F401  (the cluster fixture)
+from tests.test_dask_cluster import ROOT, cluster, cluster_env, kill_a_busy_worker  # noqa: F401  (the cluster fixture)
 
 pytest_plugins = ["tests.cache_fixtures"]  # tiny_teacher, tiny_cache
 
@@ -83,8 +81,6 @@ def test_probe_refuses_in_one_line_before_teacher_work(s3_server, tiny_coco, tin
 
 
 def test_dask_workers_write_to_the_bucket_one_killed(cluster, s3_root, tiny_cache, tiny_coco, tiny_teacher, tmp_path):  # noqa: F811
-    from distributed import Client
-
     address, workers = cluster
     params = on_s3(tiny_params(tiny_coco, tiny_teacher, tmp_path), s3_root, tmp_path)
     cmd = [sys.executable, "-m", "pipeline.cache_teacher", "--params", str(write_params(params, tmp_path / "p.yaml")),
@@ -93,20 +89,7 @@ def test_dask_workers_write_to_the_bucket_one_killed(cluster, s3_root, tiny_cach
     fs, done = s3_fs(), s3_root.removeprefix("s3://") + "/zarr/done/"
     killed = None
     try:
-        with Client(address, timeout=30) as client:
-            deadline = time.monotonic() + 240
-            while killed is None:  # a worker executing a block task, after the first marker is in the bucket
-                assert run.poll() is None, f"finished before the kill: {run.stdout.read().decode()[-3000:]}"
-                if time.monotonic() > deadline:
-                    run.kill()
-                    pytest.fail(f"no block started in time: {run.communicate()[0].decode()[-3000:]}")
-                if fs.exists(done) and fs.ls(done):
-                    busy = client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executing_count))
-                    pids = [pid for pid, executing in busy.values() if executing]
-                    if pids:
-                        killed = pids[0]
-                        os.kill(killed, signal.SIGKILL)
-                time.sleep(0.05)
+        killed = kill_a_busy_worker(address, run, lambda: fs.exists(done) and bool(fs.ls(done)), 240)
         out, _ = run.communicate(timeout=240)
     finally:
         if run.poll() is None:
